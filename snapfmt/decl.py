@@ -1,0 +1,128 @@
+"""Declaration helpers shared by all layout modules.
+
+``HexBytes(n)`` is a fixed-size byte blob whose parsed value is a lowercase
+hex string, so parse results are JSON-ready and build(parse(x)) == x.
+
+``dtype_of(decl)`` derives a numpy structured dtype from a construct Struct
+of fixed-size fields, so bulk arrays (MSRs, CPUID entries, inode records) are
+read with ``np.frombuffer`` using exactly the declared layout.
+"""
+
+from __future__ import annotations
+
+import construct
+import numpy as np
+
+
+class _HexAdapter(construct.Adapter):
+    def _decode(self, obj, context, path):
+        return bytes(obj).hex()
+
+    def _encode(self, obj, context, path):
+        if isinstance(obj, (bytes, bytearray)):
+            return bytes(obj)
+        try:
+            return bytes.fromhex(obj)
+        except (TypeError, ValueError) as e:
+            raise construct.AdaptationError(f"expected a hex string: {e}", path=path)
+
+
+def HexBytes(n: int) -> construct.Construct:
+    """n raw bytes, shown as hex. Used for padding/reserved so they round-trip."""
+    return _HexAdapter(construct.Bytes(n))
+
+
+def field_layout(decl: construct.Construct, base: int = 0, prefix: str = ""):
+    """Yield (path, offset, size, type_name) for every leaf field of a fixed Struct."""
+    decl = _unwrap(decl)
+    if isinstance(decl, construct.Struct):
+        off = base
+        for sc in decl.subcons:
+            name = sc.name
+            size = sc.sizeof()
+            path = f"{prefix}.{name}" if prefix else name
+            inner = _unwrap(sc)
+            if isinstance(inner, construct.Struct):
+                yield (path, off, size, "struct")
+                yield from field_layout(inner, off, path)
+            else:
+                yield (path, off, size, type_name(sc))
+            off += size
+    else:
+        raise TypeError(f"not a Struct: {decl!r}")
+
+
+def _unwrap(sc):
+    while isinstance(sc, (construct.Renamed, construct.Transformed)) or (
+            isinstance(sc, construct.Adapter) and not isinstance(sc, _HexAdapter)
+            and hasattr(sc, "subcon")):
+        sc = sc.subcon
+    return sc
+
+
+def type_name(sc) -> str:
+    """A short, stable type name for schemas: u8/u16/u32/u64/i32/bytes[n]/array..."""
+    inner = sc
+    while isinstance(inner, construct.Renamed):
+        inner = inner.subcon
+    if isinstance(inner, _HexAdapter):
+        return f"bytes[{inner.sizeof()}]"
+    while isinstance(inner, (construct.Adapter, construct.Transformed)) and hasattr(inner, "subcon") \
+            and not isinstance(inner, construct.FormatField):
+        inner = inner.subcon
+    if isinstance(inner, construct.FormatField):
+        fmt = inner.fmtstr
+        endian = {"<": "le", ">": "be", "=": "ne"}.get(fmt[0], "")
+        code = fmt[-1]
+        names = {"B": "u8", "b": "i8", "H": "u16", "h": "i16", "I": "u32", "i": "i32",
+                 "L": "u32", "l": "i32", "Q": "u64", "q": "i64"}
+        base = names.get(code, code)
+        return base if base in ("u8", "i8") else f"{base}{endian}"
+    if isinstance(inner, construct.BytesInteger):
+        return f"u{inner.length * 8}le"
+    if isinstance(inner, construct.Array):
+        return f"{type_name(inner.subcon)}[{inner.count}]"
+    if isinstance(inner, construct.Bytes):
+        return f"bytes[{inner.length}]"
+    if isinstance(inner, construct.Struct):
+        return "struct"
+    return type(inner).__name__
+
+
+def dtype_of(decl: construct.Construct) -> np.dtype:
+    """numpy dtype with the same field names, offsets and sizes as ``decl``."""
+    decl = _unwrap(decl)
+    if not isinstance(decl, construct.Struct):
+        raise TypeError("dtype_of needs a Struct")
+    names, formats, offsets = [], [], []
+    off = 0
+    for sc in decl.subcons:
+        size = sc.sizeof()
+        names.append(sc.name)
+        formats.append(_leaf_dtype(sc))
+        offsets.append(off)
+        off += size
+    dt = np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": off})
+    if dt.itemsize != decl.sizeof():
+        raise AssertionError("dtype size mismatch")
+    return dt
+
+
+def _leaf_dtype(sc):
+    inner = sc
+    while isinstance(inner, construct.Renamed):
+        inner = inner.subcon
+    if isinstance(inner, _HexAdapter):
+        return np.dtype((np.uint8, inner.sizeof()))
+    inner = _unwrap(inner)
+    if isinstance(inner, construct.FormatField):
+        fmt = inner.fmtstr
+        return np.dtype(("<" if fmt[0] == "<" else ">" if fmt[0] == ">" else "=") + fmt[-1]
+                        .replace("L", "I").replace("l", "i"))
+    if isinstance(inner, construct.Array):
+        return np.dtype((_leaf_dtype(inner.subcon), (inner.count,)))
+    if isinstance(inner, construct.Bytes):
+        return np.dtype((np.uint8, inner.length))
+    if isinstance(inner, construct.Struct):
+        return dtype_of(inner)
+    raise TypeError(f"no numpy dtype for {inner!r}")
