@@ -66,7 +66,11 @@ def type_name(sc) -> str:
     while isinstance(inner, construct.Renamed):
         inner = inner.subcon
     if isinstance(inner, _HexAdapter):
-        return f"bytes[{inner.sizeof()}]"
+        try:
+            return f"bytes[{inner.sizeof()}]"
+        except construct.SizeofError:
+            ln = getattr(inner.subcon, "length", None)
+            return f"bytes[{_expr(ln)}]" if ln is not None else "bytes[*]"
     while isinstance(inner, (construct.Adapter, construct.Transformed)) and hasattr(inner, "subcon") \
             and not isinstance(inner, construct.FormatField):
         inner = inner.subcon
@@ -81,12 +85,17 @@ def type_name(sc) -> str:
     if isinstance(inner, construct.BytesInteger):
         return f"u{inner.length * 8}le"
     if isinstance(inner, construct.Array):
-        return f"{type_name(inner.subcon)}[{inner.count}]"
+        cnt = inner.count if isinstance(inner.count, int) else _expr(inner.count)
+        return f"{type_name(inner.subcon)}[{cnt}]"
     if isinstance(inner, construct.Bytes):
         return f"bytes[{inner.length}]"
     if isinstance(inner, construct.Struct):
         return "struct"
     return type(inner).__name__
+
+
+def _expr(e) -> str:
+    return repr(e).replace("this.", "").replace("this['", "").replace("']", "")
 
 
 def dtype_of(decl: construct.Construct) -> np.dtype:
