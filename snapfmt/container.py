@@ -604,20 +604,23 @@ def _section_problem(s: Section) -> FormatError | None:
             return UnknownSectionError(f"CRITICAL section: {what}", section=s.label,
                                        offset=s.offset,
                                        hint="a newer snapfmt is needed to read this file")
+        kind = None          # ancillary and not understood: CRC only, then skipped
+    if s.bulk:
         return None
-    if not s.bulk:
-        if crc32c(s.data) != s.crc32c:
-            return _crc_error(s)
-        fixed = kind.fixed_size
-        if fixed is not None and kind.decode_fn is None and s.length != fixed:
-            return FormatError(f"length {s.length} != declared size {fixed}", section=s.label,
-                               field="length", offset=s.offset, code="bad-length")
-        if kind.check_fn is not None:
-            try:
-                kind.check_fn(s.data)
-            except FormatError as e:
-                e.section = s.label
-                if e.offset is not None:
-                    e.offset += s.offset
-                return e
+    if crc32c(s.data) != s.crc32c:
+        return _crc_error(s)
+    if kind is None:
+        return None
+    fixed = kind.fixed_size
+    if fixed is not None and kind.decode_fn is None and s.length != fixed:
+        return FormatError(f"length {s.length} != declared size {fixed}", section=s.label,
+                           field="length", offset=s.offset, code="bad-length")
+    if kind.check_fn is not None:
+        try:
+            kind.check_fn(s.data)
+        except FormatError as e:
+            e.section = s.label
+            if e.offset is not None:
+                e.offset += s.offset
+            return e
     return None

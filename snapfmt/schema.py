@@ -62,7 +62,9 @@ def _element_struct(sc):
 
 def _tname(sc) -> str:
     if isinstance(sc, c.FocusedSeq):     # PrefixedArray
-        cnt = sc.subcons[0].subcon if hasattr(sc.subcons[0], "subcon") else sc.subcons[0]
+        cnt = sc.subcons[0]
+        while hasattr(cnt, "subcon") and not isinstance(cnt, c.FormatField):
+            cnt = cnt.subcon
         return f"prefixed-array[{type_name(cnt)}]"
     if isinstance(sc, c.StringEncoded):
         return "string"
