@@ -37,11 +37,11 @@ struct kind_desc {
 	uint16_t default_flags, version;
 	uint8_t shape;
 	uint64_t fixed_size, prefix;
-	uint32_t c1_off, c1_size, e1, c2_off, c2_size, e2;
+	uint32_t c1_off, c1_size, e1, c2_off, c2_size, e2, max1;
 };
 
-#define KIND_ROW(id, ty, nm, fl, ver, sh, fx, pre, o1, s1, e1_, o2, s2, e2_) \
-	{ ty, nm, fl, ver, sh, fx, pre, o1, s1, e1_, o2, s2, e2_ },
+#define KIND_ROW(id, ty, nm, fl, ver, sh, fx, pre, o1, s1, e1_, o2, s2, e2_, mx) \
+	{ ty, nm, fl, ver, sh, fx, pre, o1, s1, e1_, o2, s2, e2_, mx },
 static const struct kind_desc kinds[] = { SNAPFMT_SECTION_KINDS(KIND_ROW) };
 #define N_KINDS (sizeof(kinds) / sizeof(kinds[0]))
 
@@ -325,34 +325,38 @@ static int cmp_off(const struct snapfmt_reader *r, uint32_t a, uint32_t b)
 	return c ? c : CMP3(a, b);
 }
 
-/* Rule 20 for a known, non-BULK section. */
-static bool length_ok(const struct kind_desc *k, const uint8_t *data, uint64_t len)
+static uint64_t get_count(const uint8_t *p, uint32_t size)
+{
+	return size == 8 ? snapfmt_get_le64(p) : size == 4 ? snapfmt_get_le32(p) :
+	       size == 2 ? snapfmt_get_le16(p) : p[0];
+}
+
+/* Rule 20 for a known, non-BULK section: 0, BADLENGTH or LIMIT (a count
+ * above the kind's max_count, checked before the length like Python does). */
+static int check_length(const struct kind_desc *k, const uint8_t *data, uint64_t len)
 {
 	uint64_t c1, c2, want;
 
 	switch (k->shape) {
 	case SNAPFMT_SHAPE_FIXED:
-		return len == k->fixed_size;
+		return len == k->fixed_size ? 0 : SNAPFMT_ERR_BADLENGTH;
 	case SNAPFMT_SHAPE_LINEAR:
 		if (len < k->prefix)
-			return false;
-		c1 = k->c1_size == 8 ? snapfmt_get_le64(data + k->c1_off) :
-		     k->c1_size == 4 ? snapfmt_get_le32(data + k->c1_off) :
-		     k->c1_size == 2 ? snapfmt_get_le16(data + k->c1_off) : data[k->c1_off];
-		c2 = !k->e2 ? 0 :
-		     k->c2_size == 8 ? snapfmt_get_le64(data + k->c2_off) :
-		     k->c2_size == 4 ? snapfmt_get_le32(data + k->c2_off) :
-		     k->c2_size == 2 ? snapfmt_get_le16(data + k->c2_off) : data[k->c2_off];
+			return SNAPFMT_ERR_BADLENGTH;
+		c1 = get_count(data + k->c1_off, k->c1_size);
+		c2 = k->e2 ? get_count(data + k->c2_off, k->c2_size) : 0;
+		if (k->max1 && c1 > k->max1)
+			return SNAPFMT_ERR_LIMIT;
 		/* len - prefix == c1 * e1 + c2 * e2, without overflow */
 		want = len - k->prefix;
 		if (k->e1 && c1 > want / k->e1)
-			return false;
+			return SNAPFMT_ERR_BADLENGTH;
 		want -= c1 * k->e1;
 		if (k->e2 && c2 > want / k->e2)
-			return false;
-		return want == c2 * k->e2;
+			return SNAPFMT_ERR_BADLENGTH;
+		return want == c2 * k->e2 ? 0 : SNAPFMT_ERR_BADLENGTH;
 	default:
-		return true;
+		return 0;
 	}
 }
 
@@ -363,6 +367,7 @@ static int check_table(struct snapfmt_reader *r, unsigned flags, struct snapfmt_
 	uint64_t tlen = (uint64_t)r->count * SNAPFMT_TABLE_ENTRY_SIZE;
 	uint32_t *by_off = r->idx + r->count;
 	int64_t dup = -1;
+	int err;
 
 	for (uint32_t i = 0; i < r->count; i++) {
 		const uint8_t *e = entry(r, i);
@@ -456,16 +461,17 @@ static int check_table(struct snapfmt_reader *r, unsigned flags, struct snapfmt_
 			return fail(d, SNAPFMT_ERR_BADCRC, (int)i, "crc32c", s.offset,
 				    "%s[%u]: CRC32C 0x%08x != table value 0x%08x", k->name, s.instance,
 				    snapfmt_crc32c(0, s.data, s.length), s.crc);
-		if (!length_ok(k, s.data, s.length))
-			return fail(d, SNAPFMT_ERR_BADLENGTH, (int)i, "length", s.offset,
+		err = check_length(k, s.data, s.length);
+		if (err)
+			return fail(d, err, (int)i, "length", s.offset,
 				    "%s[%u]: length %llu inconsistent with its layout (fixed %llu, "
-				    "prefix %llu)", k->name, s.instance, (unsigned long long)s.length,
+				    "prefix %llu) or a count above its limit", k->name, s.instance, (unsigned long long)s.length,
 				    (unsigned long long)k->fixed_size, (unsigned long long)k->prefix);
 	}
 	if (flags & SNAPFMT_OPEN_DEEP) {
 		uint32_t bad;
-		int err = snapfmt_verify_bulk(r, &bad);
 
+		err = snapfmt_verify_bulk(r, &bad);
 		if (err)
 			return fail(d, err, (int)bad, "crc32c", ENT64(entry(r, bad), OFFSET),
 				    "BULK section table[%u]: CRC32C mismatch", bad);

@@ -107,6 +107,23 @@ enum snapfmt_error {
 #define SNAPFMT_SEC_METADATA 0x0001u /* metadata */
 #define SNAPFMT_SEC_MEMORY_LAYOUT 0x0002u /* memory_layout */
 #define SNAPFMT_SEC_RAM 0x0003u /* ram */
+#define SNAPFMT_SEC_X86_CPUID2 0x0100u /* x86.cpuid2 */
+#define SNAPFMT_SEC_X86_MP_STATE 0x0101u /* x86.mp_state */
+#define SNAPFMT_SEC_X86_REGS 0x0102u /* x86.regs */
+#define SNAPFMT_SEC_X86_SREGS 0x0103u /* x86.sregs */
+#define SNAPFMT_SEC_X86_XSAVE 0x0104u /* x86.xsave */
+#define SNAPFMT_SEC_X86_XCRS 0x0105u /* x86.xcrs */
+#define SNAPFMT_SEC_X86_DEBUGREGS 0x0106u /* x86.debugregs */
+#define SNAPFMT_SEC_X86_LAPIC 0x0107u /* x86.lapic */
+#define SNAPFMT_SEC_X86_MSRS 0x0108u /* x86.msrs */
+#define SNAPFMT_SEC_X86_VCPU_EVENTS 0x0109u /* x86.vcpu_events */
+#define SNAPFMT_SEC_X86_TSC_KHZ 0x010au /* x86.tsc_khz */
+#define SNAPFMT_SEC_X86_PIT2 0x0180u /* x86.pit2 */
+#define SNAPFMT_SEC_X86_CLOCK 0x0181u /* x86.clock */
+#define SNAPFMT_SEC_X86_PIC 0x0182u /* x86.pic */
+#define SNAPFMT_SEC_X86_IOAPIC 0x0183u /* x86.ioapic */
+#define SNAPFMT_SEC_X86_GSI_ROUTING 0x0184u /* x86.gsi_routing */
+#define SNAPFMT_SEC_VIRTIO_MMIO 0x0300u /* virtio.mmio */
 
 /* Length shapes, as the reader checks them at open (rule 20; same policy as
  * snapfmt/container.py): FIXED length == fixed_size; LINEAR length ==
@@ -120,11 +137,30 @@ enum snapfmt_error {
 #define SNAPFMT_SHAPE_LINEAR 2
 #define SNAPFMT_SHAPE_OPAQUE 3
 /* X(ident, type, name, default_flags, version, shape, fixed_size, prefix,
- *   cnt1_off, cnt1_size, elem1, cnt2_off, cnt2_size, elem2) */
+ *   cnt1_off, cnt1_size, elem1, cnt2_off, cnt2_size, elem2, max_count1);
+ * max_count1 (0 = none): count 1 above it is SNAPFMT_ERR_LIMIT, checked
+ * before the length (extra['max_count'] of the kind). */
 #define SNAPFMT_SECTION_KINDS(X) \
-	X(METADATA, 0x0001u, "metadata", 0, 1, SNAPFMT_SHAPE_OPAQUE, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
-	X(MEMORY_LAYOUT, 0x0002u, "memory_layout", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_OPAQUE, 0u, 8u, 0u, 4u, 96u, 4u, 4u, 1u) \
-	X(RAM, 0x0003u, "ram", SNAPFMT_SEC_F_CRITICAL|SNAPFMT_SEC_F_BULK, 1, SNAPFMT_SHAPE_OPAQUE, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
+	X(METADATA, 0x0001u, "metadata", 0, 1, SNAPFMT_SHAPE_OPAQUE, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
+	X(MEMORY_LAYOUT, 0x0002u, "memory_layout", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_OPAQUE, 0u, 8u, 0u, 4u, 96u, 4u, 4u, 1u, 0u) \
+	X(RAM, 0x0003u, "ram", SNAPFMT_SEC_F_CRITICAL|SNAPFMT_SEC_F_BULK, 1, SNAPFMT_SHAPE_OPAQUE, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
+	X(X86_CPUID2, 0x0100u, "x86.cpuid2", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_LINEAR, 0u, 8u, 0u, 4u, 40u, 0u, 0u, 0u, 256u) \
+	X(X86_MP_STATE, 0x0101u, "x86.mp_state", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 4u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
+	X(X86_REGS, 0x0102u, "x86.regs", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 144u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
+	X(X86_SREGS, 0x0103u, "x86.sregs", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 312u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
+	X(X86_XSAVE, 0x0104u, "x86.xsave", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_OPAQUE, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
+	X(X86_XCRS, 0x0105u, "x86.xcrs", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 392u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
+	X(X86_DEBUGREGS, 0x0106u, "x86.debugregs", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 128u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
+	X(X86_LAPIC, 0x0107u, "x86.lapic", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 1024u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
+	X(X86_MSRS, 0x0108u, "x86.msrs", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_LINEAR, 0u, 8u, 0u, 4u, 16u, 0u, 0u, 0u, 1024u) \
+	X(X86_VCPU_EVENTS, 0x0109u, "x86.vcpu_events", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 64u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
+	X(X86_TSC_KHZ, 0x010au, "x86.tsc_khz", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 8u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
+	X(X86_PIT2, 0x0180u, "x86.pit2", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 112u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
+	X(X86_CLOCK, 0x0181u, "x86.clock", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 48u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
+	X(X86_PIC, 0x0182u, "x86.pic", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 520u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
+	X(X86_IOAPIC, 0x0183u, "x86.ioapic", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 520u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
+	X(X86_GSI_ROUTING, 0x0184u, "x86.gsi_routing", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_LINEAR, 0u, 8u, 0u, 4u, 48u, 0u, 0u, 0u, 4096u) \
+	X(VIRTIO_MMIO, 0x0300u, "virtio.mmio", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_OPAQUE, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
 
 /* --- on-disk structs (all integers little-endian) --- */
 
@@ -231,5 +267,292 @@ _Static_assert(offsetof(struct snapfmt_table_entry, flags) == 10, "snapfmt_table
 _Static_assert(offsetof(struct snapfmt_table_entry, crc32c) == 12, "snapfmt_table_entry.crc32c");
 _Static_assert(offsetof(struct snapfmt_table_entry, offset) == 16, "snapfmt_table_entry.offset");
 _Static_assert(offsetof(struct snapfmt_table_entry, length) == 24, "snapfmt_table_entry.length");
+
+/* --- KVM sections must match the kernel's structs byte for byte --- */
+#if defined(__linux__) && defined(__x86_64__)
+#include <linux/kvm.h>
+/* x86.cpuid2 <-> struct kvm_cpuid2 */
+_Static_assert(sizeof(struct kvm_cpuid2) == 8, "x86.cpuid2: sizeof(struct kvm_cpuid2) != 8");
+_Static_assert(offsetof(struct kvm_cpuid2, nent) == 0, "x86.cpuid2.nent: offset != 0");
+_Static_assert(offsetof(struct kvm_cpuid2, padding) == 4, "x86.cpuid2.padding: offset != 4");
+_Static_assert(offsetof(struct kvm_cpuid2, entries) == 8, "x86.cpuid2.entries: offset != 8");
+_Static_assert(sizeof(struct kvm_cpuid_entry2) == 40, "x86.cpuid2: sizeof(struct kvm_cpuid_entry2) != 40");
+_Static_assert(offsetof(struct kvm_cpuid_entry2, function) == 0, "x86.cpuid2[].function: offset != 0");
+_Static_assert(offsetof(struct kvm_cpuid_entry2, index) == 4, "x86.cpuid2[].index: offset != 4");
+_Static_assert(offsetof(struct kvm_cpuid_entry2, flags) == 8, "x86.cpuid2[].flags: offset != 8");
+_Static_assert(offsetof(struct kvm_cpuid_entry2, eax) == 12, "x86.cpuid2[].eax: offset != 12");
+_Static_assert(offsetof(struct kvm_cpuid_entry2, ebx) == 16, "x86.cpuid2[].ebx: offset != 16");
+_Static_assert(offsetof(struct kvm_cpuid_entry2, ecx) == 20, "x86.cpuid2[].ecx: offset != 20");
+_Static_assert(offsetof(struct kvm_cpuid_entry2, edx) == 24, "x86.cpuid2[].edx: offset != 24");
+_Static_assert(offsetof(struct kvm_cpuid_entry2, padding) == 28, "x86.cpuid2[].padding: offset != 28");
+/* x86.mp_state <-> struct kvm_mp_state */
+_Static_assert(sizeof(struct kvm_mp_state) == 4, "x86.mp_state: sizeof(struct kvm_mp_state) != 4");
+_Static_assert(offsetof(struct kvm_mp_state, mp_state) == 0, "x86.mp_state.mp_state: offset != 0");
+/* x86.regs <-> struct kvm_regs */
+_Static_assert(sizeof(struct kvm_regs) == 144, "x86.regs: sizeof(struct kvm_regs) != 144");
+_Static_assert(offsetof(struct kvm_regs, rax) == 0, "x86.regs.rax: offset != 0");
+_Static_assert(offsetof(struct kvm_regs, rbx) == 8, "x86.regs.rbx: offset != 8");
+_Static_assert(offsetof(struct kvm_regs, rcx) == 16, "x86.regs.rcx: offset != 16");
+_Static_assert(offsetof(struct kvm_regs, rdx) == 24, "x86.regs.rdx: offset != 24");
+_Static_assert(offsetof(struct kvm_regs, rsi) == 32, "x86.regs.rsi: offset != 32");
+_Static_assert(offsetof(struct kvm_regs, rdi) == 40, "x86.regs.rdi: offset != 40");
+_Static_assert(offsetof(struct kvm_regs, rsp) == 48, "x86.regs.rsp: offset != 48");
+_Static_assert(offsetof(struct kvm_regs, rbp) == 56, "x86.regs.rbp: offset != 56");
+_Static_assert(offsetof(struct kvm_regs, r8) == 64, "x86.regs.r8: offset != 64");
+_Static_assert(offsetof(struct kvm_regs, r9) == 72, "x86.regs.r9: offset != 72");
+_Static_assert(offsetof(struct kvm_regs, r10) == 80, "x86.regs.r10: offset != 80");
+_Static_assert(offsetof(struct kvm_regs, r11) == 88, "x86.regs.r11: offset != 88");
+_Static_assert(offsetof(struct kvm_regs, r12) == 96, "x86.regs.r12: offset != 96");
+_Static_assert(offsetof(struct kvm_regs, r13) == 104, "x86.regs.r13: offset != 104");
+_Static_assert(offsetof(struct kvm_regs, r14) == 112, "x86.regs.r14: offset != 112");
+_Static_assert(offsetof(struct kvm_regs, r15) == 120, "x86.regs.r15: offset != 120");
+_Static_assert(offsetof(struct kvm_regs, rip) == 128, "x86.regs.rip: offset != 128");
+_Static_assert(offsetof(struct kvm_regs, rflags) == 136, "x86.regs.rflags: offset != 136");
+/* x86.sregs <-> struct kvm_sregs */
+_Static_assert(sizeof(struct kvm_sregs) == 312, "x86.sregs: sizeof(struct kvm_sregs) != 312");
+_Static_assert(offsetof(struct kvm_sregs, cs) == 0, "x86.sregs.cs: offset != 0");
+_Static_assert(offsetof(struct kvm_sregs, cs.base) == 0, "x86.sregs.cs.base: offset != 0");
+_Static_assert(offsetof(struct kvm_sregs, cs.limit) == 8, "x86.sregs.cs.limit: offset != 8");
+_Static_assert(offsetof(struct kvm_sregs, cs.selector) == 12, "x86.sregs.cs.selector: offset != 12");
+_Static_assert(offsetof(struct kvm_sregs, cs.type) == 14, "x86.sregs.cs.type: offset != 14");
+_Static_assert(offsetof(struct kvm_sregs, cs.present) == 15, "x86.sregs.cs.present: offset != 15");
+_Static_assert(offsetof(struct kvm_sregs, cs.dpl) == 16, "x86.sregs.cs.dpl: offset != 16");
+_Static_assert(offsetof(struct kvm_sregs, cs.db) == 17, "x86.sregs.cs.db: offset != 17");
+_Static_assert(offsetof(struct kvm_sregs, cs.s) == 18, "x86.sregs.cs.s: offset != 18");
+_Static_assert(offsetof(struct kvm_sregs, cs.l) == 19, "x86.sregs.cs.l: offset != 19");
+_Static_assert(offsetof(struct kvm_sregs, cs.g) == 20, "x86.sregs.cs.g: offset != 20");
+_Static_assert(offsetof(struct kvm_sregs, cs.avl) == 21, "x86.sregs.cs.avl: offset != 21");
+_Static_assert(offsetof(struct kvm_sregs, cs.unusable) == 22, "x86.sregs.cs.unusable: offset != 22");
+_Static_assert(offsetof(struct kvm_sregs, cs.padding) == 23, "x86.sregs.cs.padding: offset != 23");
+_Static_assert(offsetof(struct kvm_sregs, ds) == 24, "x86.sregs.ds: offset != 24");
+_Static_assert(offsetof(struct kvm_sregs, ds.base) == 24, "x86.sregs.ds.base: offset != 24");
+_Static_assert(offsetof(struct kvm_sregs, ds.limit) == 32, "x86.sregs.ds.limit: offset != 32");
+_Static_assert(offsetof(struct kvm_sregs, ds.selector) == 36, "x86.sregs.ds.selector: offset != 36");
+_Static_assert(offsetof(struct kvm_sregs, ds.type) == 38, "x86.sregs.ds.type: offset != 38");
+_Static_assert(offsetof(struct kvm_sregs, ds.present) == 39, "x86.sregs.ds.present: offset != 39");
+_Static_assert(offsetof(struct kvm_sregs, ds.dpl) == 40, "x86.sregs.ds.dpl: offset != 40");
+_Static_assert(offsetof(struct kvm_sregs, ds.db) == 41, "x86.sregs.ds.db: offset != 41");
+_Static_assert(offsetof(struct kvm_sregs, ds.s) == 42, "x86.sregs.ds.s: offset != 42");
+_Static_assert(offsetof(struct kvm_sregs, ds.l) == 43, "x86.sregs.ds.l: offset != 43");
+_Static_assert(offsetof(struct kvm_sregs, ds.g) == 44, "x86.sregs.ds.g: offset != 44");
+_Static_assert(offsetof(struct kvm_sregs, ds.avl) == 45, "x86.sregs.ds.avl: offset != 45");
+_Static_assert(offsetof(struct kvm_sregs, ds.unusable) == 46, "x86.sregs.ds.unusable: offset != 46");
+_Static_assert(offsetof(struct kvm_sregs, ds.padding) == 47, "x86.sregs.ds.padding: offset != 47");
+_Static_assert(offsetof(struct kvm_sregs, es) == 48, "x86.sregs.es: offset != 48");
+_Static_assert(offsetof(struct kvm_sregs, es.base) == 48, "x86.sregs.es.base: offset != 48");
+_Static_assert(offsetof(struct kvm_sregs, es.limit) == 56, "x86.sregs.es.limit: offset != 56");
+_Static_assert(offsetof(struct kvm_sregs, es.selector) == 60, "x86.sregs.es.selector: offset != 60");
+_Static_assert(offsetof(struct kvm_sregs, es.type) == 62, "x86.sregs.es.type: offset != 62");
+_Static_assert(offsetof(struct kvm_sregs, es.present) == 63, "x86.sregs.es.present: offset != 63");
+_Static_assert(offsetof(struct kvm_sregs, es.dpl) == 64, "x86.sregs.es.dpl: offset != 64");
+_Static_assert(offsetof(struct kvm_sregs, es.db) == 65, "x86.sregs.es.db: offset != 65");
+_Static_assert(offsetof(struct kvm_sregs, es.s) == 66, "x86.sregs.es.s: offset != 66");
+_Static_assert(offsetof(struct kvm_sregs, es.l) == 67, "x86.sregs.es.l: offset != 67");
+_Static_assert(offsetof(struct kvm_sregs, es.g) == 68, "x86.sregs.es.g: offset != 68");
+_Static_assert(offsetof(struct kvm_sregs, es.avl) == 69, "x86.sregs.es.avl: offset != 69");
+_Static_assert(offsetof(struct kvm_sregs, es.unusable) == 70, "x86.sregs.es.unusable: offset != 70");
+_Static_assert(offsetof(struct kvm_sregs, es.padding) == 71, "x86.sregs.es.padding: offset != 71");
+_Static_assert(offsetof(struct kvm_sregs, fs) == 72, "x86.sregs.fs: offset != 72");
+_Static_assert(offsetof(struct kvm_sregs, fs.base) == 72, "x86.sregs.fs.base: offset != 72");
+_Static_assert(offsetof(struct kvm_sregs, fs.limit) == 80, "x86.sregs.fs.limit: offset != 80");
+_Static_assert(offsetof(struct kvm_sregs, fs.selector) == 84, "x86.sregs.fs.selector: offset != 84");
+_Static_assert(offsetof(struct kvm_sregs, fs.type) == 86, "x86.sregs.fs.type: offset != 86");
+_Static_assert(offsetof(struct kvm_sregs, fs.present) == 87, "x86.sregs.fs.present: offset != 87");
+_Static_assert(offsetof(struct kvm_sregs, fs.dpl) == 88, "x86.sregs.fs.dpl: offset != 88");
+_Static_assert(offsetof(struct kvm_sregs, fs.db) == 89, "x86.sregs.fs.db: offset != 89");
+_Static_assert(offsetof(struct kvm_sregs, fs.s) == 90, "x86.sregs.fs.s: offset != 90");
+_Static_assert(offsetof(struct kvm_sregs, fs.l) == 91, "x86.sregs.fs.l: offset != 91");
+_Static_assert(offsetof(struct kvm_sregs, fs.g) == 92, "x86.sregs.fs.g: offset != 92");
+_Static_assert(offsetof(struct kvm_sregs, fs.avl) == 93, "x86.sregs.fs.avl: offset != 93");
+_Static_assert(offsetof(struct kvm_sregs, fs.unusable) == 94, "x86.sregs.fs.unusable: offset != 94");
+_Static_assert(offsetof(struct kvm_sregs, fs.padding) == 95, "x86.sregs.fs.padding: offset != 95");
+_Static_assert(offsetof(struct kvm_sregs, gs) == 96, "x86.sregs.gs: offset != 96");
+_Static_assert(offsetof(struct kvm_sregs, gs.base) == 96, "x86.sregs.gs.base: offset != 96");
+_Static_assert(offsetof(struct kvm_sregs, gs.limit) == 104, "x86.sregs.gs.limit: offset != 104");
+_Static_assert(offsetof(struct kvm_sregs, gs.selector) == 108, "x86.sregs.gs.selector: offset != 108");
+_Static_assert(offsetof(struct kvm_sregs, gs.type) == 110, "x86.sregs.gs.type: offset != 110");
+_Static_assert(offsetof(struct kvm_sregs, gs.present) == 111, "x86.sregs.gs.present: offset != 111");
+_Static_assert(offsetof(struct kvm_sregs, gs.dpl) == 112, "x86.sregs.gs.dpl: offset != 112");
+_Static_assert(offsetof(struct kvm_sregs, gs.db) == 113, "x86.sregs.gs.db: offset != 113");
+_Static_assert(offsetof(struct kvm_sregs, gs.s) == 114, "x86.sregs.gs.s: offset != 114");
+_Static_assert(offsetof(struct kvm_sregs, gs.l) == 115, "x86.sregs.gs.l: offset != 115");
+_Static_assert(offsetof(struct kvm_sregs, gs.g) == 116, "x86.sregs.gs.g: offset != 116");
+_Static_assert(offsetof(struct kvm_sregs, gs.avl) == 117, "x86.sregs.gs.avl: offset != 117");
+_Static_assert(offsetof(struct kvm_sregs, gs.unusable) == 118, "x86.sregs.gs.unusable: offset != 118");
+_Static_assert(offsetof(struct kvm_sregs, gs.padding) == 119, "x86.sregs.gs.padding: offset != 119");
+_Static_assert(offsetof(struct kvm_sregs, ss) == 120, "x86.sregs.ss: offset != 120");
+_Static_assert(offsetof(struct kvm_sregs, ss.base) == 120, "x86.sregs.ss.base: offset != 120");
+_Static_assert(offsetof(struct kvm_sregs, ss.limit) == 128, "x86.sregs.ss.limit: offset != 128");
+_Static_assert(offsetof(struct kvm_sregs, ss.selector) == 132, "x86.sregs.ss.selector: offset != 132");
+_Static_assert(offsetof(struct kvm_sregs, ss.type) == 134, "x86.sregs.ss.type: offset != 134");
+_Static_assert(offsetof(struct kvm_sregs, ss.present) == 135, "x86.sregs.ss.present: offset != 135");
+_Static_assert(offsetof(struct kvm_sregs, ss.dpl) == 136, "x86.sregs.ss.dpl: offset != 136");
+_Static_assert(offsetof(struct kvm_sregs, ss.db) == 137, "x86.sregs.ss.db: offset != 137");
+_Static_assert(offsetof(struct kvm_sregs, ss.s) == 138, "x86.sregs.ss.s: offset != 138");
+_Static_assert(offsetof(struct kvm_sregs, ss.l) == 139, "x86.sregs.ss.l: offset != 139");
+_Static_assert(offsetof(struct kvm_sregs, ss.g) == 140, "x86.sregs.ss.g: offset != 140");
+_Static_assert(offsetof(struct kvm_sregs, ss.avl) == 141, "x86.sregs.ss.avl: offset != 141");
+_Static_assert(offsetof(struct kvm_sregs, ss.unusable) == 142, "x86.sregs.ss.unusable: offset != 142");
+_Static_assert(offsetof(struct kvm_sregs, ss.padding) == 143, "x86.sregs.ss.padding: offset != 143");
+_Static_assert(offsetof(struct kvm_sregs, tr) == 144, "x86.sregs.tr: offset != 144");
+_Static_assert(offsetof(struct kvm_sregs, tr.base) == 144, "x86.sregs.tr.base: offset != 144");
+_Static_assert(offsetof(struct kvm_sregs, tr.limit) == 152, "x86.sregs.tr.limit: offset != 152");
+_Static_assert(offsetof(struct kvm_sregs, tr.selector) == 156, "x86.sregs.tr.selector: offset != 156");
+_Static_assert(offsetof(struct kvm_sregs, tr.type) == 158, "x86.sregs.tr.type: offset != 158");
+_Static_assert(offsetof(struct kvm_sregs, tr.present) == 159, "x86.sregs.tr.present: offset != 159");
+_Static_assert(offsetof(struct kvm_sregs, tr.dpl) == 160, "x86.sregs.tr.dpl: offset != 160");
+_Static_assert(offsetof(struct kvm_sregs, tr.db) == 161, "x86.sregs.tr.db: offset != 161");
+_Static_assert(offsetof(struct kvm_sregs, tr.s) == 162, "x86.sregs.tr.s: offset != 162");
+_Static_assert(offsetof(struct kvm_sregs, tr.l) == 163, "x86.sregs.tr.l: offset != 163");
+_Static_assert(offsetof(struct kvm_sregs, tr.g) == 164, "x86.sregs.tr.g: offset != 164");
+_Static_assert(offsetof(struct kvm_sregs, tr.avl) == 165, "x86.sregs.tr.avl: offset != 165");
+_Static_assert(offsetof(struct kvm_sregs, tr.unusable) == 166, "x86.sregs.tr.unusable: offset != 166");
+_Static_assert(offsetof(struct kvm_sregs, tr.padding) == 167, "x86.sregs.tr.padding: offset != 167");
+_Static_assert(offsetof(struct kvm_sregs, ldt) == 168, "x86.sregs.ldt: offset != 168");
+_Static_assert(offsetof(struct kvm_sregs, ldt.base) == 168, "x86.sregs.ldt.base: offset != 168");
+_Static_assert(offsetof(struct kvm_sregs, ldt.limit) == 176, "x86.sregs.ldt.limit: offset != 176");
+_Static_assert(offsetof(struct kvm_sregs, ldt.selector) == 180, "x86.sregs.ldt.selector: offset != 180");
+_Static_assert(offsetof(struct kvm_sregs, ldt.type) == 182, "x86.sregs.ldt.type: offset != 182");
+_Static_assert(offsetof(struct kvm_sregs, ldt.present) == 183, "x86.sregs.ldt.present: offset != 183");
+_Static_assert(offsetof(struct kvm_sregs, ldt.dpl) == 184, "x86.sregs.ldt.dpl: offset != 184");
+_Static_assert(offsetof(struct kvm_sregs, ldt.db) == 185, "x86.sregs.ldt.db: offset != 185");
+_Static_assert(offsetof(struct kvm_sregs, ldt.s) == 186, "x86.sregs.ldt.s: offset != 186");
+_Static_assert(offsetof(struct kvm_sregs, ldt.l) == 187, "x86.sregs.ldt.l: offset != 187");
+_Static_assert(offsetof(struct kvm_sregs, ldt.g) == 188, "x86.sregs.ldt.g: offset != 188");
+_Static_assert(offsetof(struct kvm_sregs, ldt.avl) == 189, "x86.sregs.ldt.avl: offset != 189");
+_Static_assert(offsetof(struct kvm_sregs, ldt.unusable) == 190, "x86.sregs.ldt.unusable: offset != 190");
+_Static_assert(offsetof(struct kvm_sregs, ldt.padding) == 191, "x86.sregs.ldt.padding: offset != 191");
+_Static_assert(offsetof(struct kvm_sregs, gdt) == 192, "x86.sregs.gdt: offset != 192");
+_Static_assert(offsetof(struct kvm_sregs, gdt.base) == 192, "x86.sregs.gdt.base: offset != 192");
+_Static_assert(offsetof(struct kvm_sregs, gdt.limit) == 200, "x86.sregs.gdt.limit: offset != 200");
+_Static_assert(offsetof(struct kvm_sregs, gdt.padding) == 202, "x86.sregs.gdt.padding: offset != 202");
+_Static_assert(offsetof(struct kvm_sregs, idt) == 208, "x86.sregs.idt: offset != 208");
+_Static_assert(offsetof(struct kvm_sregs, idt.base) == 208, "x86.sregs.idt.base: offset != 208");
+_Static_assert(offsetof(struct kvm_sregs, idt.limit) == 216, "x86.sregs.idt.limit: offset != 216");
+_Static_assert(offsetof(struct kvm_sregs, idt.padding) == 218, "x86.sregs.idt.padding: offset != 218");
+_Static_assert(offsetof(struct kvm_sregs, cr0) == 224, "x86.sregs.cr0: offset != 224");
+_Static_assert(offsetof(struct kvm_sregs, cr2) == 232, "x86.sregs.cr2: offset != 232");
+_Static_assert(offsetof(struct kvm_sregs, cr3) == 240, "x86.sregs.cr3: offset != 240");
+_Static_assert(offsetof(struct kvm_sregs, cr4) == 248, "x86.sregs.cr4: offset != 248");
+_Static_assert(offsetof(struct kvm_sregs, cr8) == 256, "x86.sregs.cr8: offset != 256");
+_Static_assert(offsetof(struct kvm_sregs, efer) == 264, "x86.sregs.efer: offset != 264");
+_Static_assert(offsetof(struct kvm_sregs, apic_base) == 272, "x86.sregs.apic_base: offset != 272");
+_Static_assert(offsetof(struct kvm_sregs, interrupt_bitmap) == 280, "x86.sregs.interrupt_bitmap: offset != 280");
+/* x86.xsave <-> struct kvm_xsave */
+_Static_assert(sizeof(struct kvm_xsave) == 4096, "x86.xsave: sizeof(struct kvm_xsave) != 4096");
+_Static_assert(offsetof(struct kvm_xsave, region) == 0, "x86.xsave.region: offset != 0");
+/* x86.xcrs <-> struct kvm_xcrs */
+_Static_assert(sizeof(struct kvm_xcrs) == 392, "x86.xcrs: sizeof(struct kvm_xcrs) != 392");
+_Static_assert(offsetof(struct kvm_xcrs, nr_xcrs) == 0, "x86.xcrs.nr_xcrs: offset != 0");
+_Static_assert(offsetof(struct kvm_xcrs, flags) == 4, "x86.xcrs.flags: offset != 4");
+_Static_assert(offsetof(struct kvm_xcrs, xcrs) == 8, "x86.xcrs.xcrs: offset != 8");
+_Static_assert(offsetof(struct kvm_xcrs, padding) == 264, "x86.xcrs.padding: offset != 264");
+/* x86.debugregs <-> struct kvm_debugregs */
+_Static_assert(sizeof(struct kvm_debugregs) == 128, "x86.debugregs: sizeof(struct kvm_debugregs) != 128");
+_Static_assert(offsetof(struct kvm_debugregs, db) == 0, "x86.debugregs.db: offset != 0");
+_Static_assert(offsetof(struct kvm_debugregs, dr6) == 32, "x86.debugregs.dr6: offset != 32");
+_Static_assert(offsetof(struct kvm_debugregs, dr7) == 40, "x86.debugregs.dr7: offset != 40");
+_Static_assert(offsetof(struct kvm_debugregs, flags) == 48, "x86.debugregs.flags: offset != 48");
+_Static_assert(offsetof(struct kvm_debugregs, reserved) == 56, "x86.debugregs.reserved: offset != 56");
+/* x86.lapic <-> struct kvm_lapic_state */
+_Static_assert(sizeof(struct kvm_lapic_state) == 1024, "x86.lapic: sizeof(struct kvm_lapic_state) != 1024");
+_Static_assert(offsetof(struct kvm_lapic_state, regs) == 0, "x86.lapic.regs: offset != 0");
+/* x86.msrs <-> struct kvm_msrs */
+_Static_assert(sizeof(struct kvm_msrs) == 8, "x86.msrs: sizeof(struct kvm_msrs) != 8");
+_Static_assert(offsetof(struct kvm_msrs, nmsrs) == 0, "x86.msrs.nmsrs: offset != 0");
+_Static_assert(offsetof(struct kvm_msrs, pad) == 4, "x86.msrs.pad: offset != 4");
+_Static_assert(offsetof(struct kvm_msrs, entries) == 8, "x86.msrs.entries: offset != 8");
+_Static_assert(sizeof(struct kvm_msr_entry) == 16, "x86.msrs: sizeof(struct kvm_msr_entry) != 16");
+_Static_assert(offsetof(struct kvm_msr_entry, index) == 0, "x86.msrs[].index: offset != 0");
+_Static_assert(offsetof(struct kvm_msr_entry, reserved) == 4, "x86.msrs[].reserved: offset != 4");
+_Static_assert(offsetof(struct kvm_msr_entry, data) == 8, "x86.msrs[].data: offset != 8");
+/* x86.vcpu_events <-> struct kvm_vcpu_events */
+_Static_assert(sizeof(struct kvm_vcpu_events) == 64, "x86.vcpu_events: sizeof(struct kvm_vcpu_events) != 64");
+_Static_assert(offsetof(struct kvm_vcpu_events, exception) == 0, "x86.vcpu_events.exception: offset != 0");
+_Static_assert(offsetof(struct kvm_vcpu_events, exception.injected) == 0, "x86.vcpu_events.exception.injected: offset != 0");
+_Static_assert(offsetof(struct kvm_vcpu_events, exception.nr) == 1, "x86.vcpu_events.exception.nr: offset != 1");
+_Static_assert(offsetof(struct kvm_vcpu_events, exception.has_error_code) == 2, "x86.vcpu_events.exception.has_error_code: offset != 2");
+_Static_assert(offsetof(struct kvm_vcpu_events, exception.pending) == 3, "x86.vcpu_events.exception.pending: offset != 3");
+_Static_assert(offsetof(struct kvm_vcpu_events, exception.error_code) == 4, "x86.vcpu_events.exception.error_code: offset != 4");
+_Static_assert(offsetof(struct kvm_vcpu_events, interrupt) == 8, "x86.vcpu_events.interrupt: offset != 8");
+_Static_assert(offsetof(struct kvm_vcpu_events, interrupt.injected) == 8, "x86.vcpu_events.interrupt.injected: offset != 8");
+_Static_assert(offsetof(struct kvm_vcpu_events, interrupt.nr) == 9, "x86.vcpu_events.interrupt.nr: offset != 9");
+_Static_assert(offsetof(struct kvm_vcpu_events, interrupt.soft) == 10, "x86.vcpu_events.interrupt.soft: offset != 10");
+_Static_assert(offsetof(struct kvm_vcpu_events, interrupt.shadow) == 11, "x86.vcpu_events.interrupt.shadow: offset != 11");
+_Static_assert(offsetof(struct kvm_vcpu_events, nmi) == 12, "x86.vcpu_events.nmi: offset != 12");
+_Static_assert(offsetof(struct kvm_vcpu_events, nmi.injected) == 12, "x86.vcpu_events.nmi.injected: offset != 12");
+_Static_assert(offsetof(struct kvm_vcpu_events, nmi.pending) == 13, "x86.vcpu_events.nmi.pending: offset != 13");
+_Static_assert(offsetof(struct kvm_vcpu_events, nmi.masked) == 14, "x86.vcpu_events.nmi.masked: offset != 14");
+_Static_assert(offsetof(struct kvm_vcpu_events, nmi.pad) == 15, "x86.vcpu_events.nmi.pad: offset != 15");
+_Static_assert(offsetof(struct kvm_vcpu_events, sipi_vector) == 16, "x86.vcpu_events.sipi_vector: offset != 16");
+_Static_assert(offsetof(struct kvm_vcpu_events, flags) == 20, "x86.vcpu_events.flags: offset != 20");
+_Static_assert(offsetof(struct kvm_vcpu_events, smi) == 24, "x86.vcpu_events.smi: offset != 24");
+_Static_assert(offsetof(struct kvm_vcpu_events, smi.smm) == 24, "x86.vcpu_events.smi.smm: offset != 24");
+_Static_assert(offsetof(struct kvm_vcpu_events, smi.pending) == 25, "x86.vcpu_events.smi.pending: offset != 25");
+_Static_assert(offsetof(struct kvm_vcpu_events, smi.smm_inside_nmi) == 26, "x86.vcpu_events.smi.smm_inside_nmi: offset != 26");
+_Static_assert(offsetof(struct kvm_vcpu_events, smi.latched_init) == 27, "x86.vcpu_events.smi.latched_init: offset != 27");
+_Static_assert(offsetof(struct kvm_vcpu_events, triple_fault) == 28, "x86.vcpu_events.triple_fault: offset != 28");
+_Static_assert(offsetof(struct kvm_vcpu_events, triple_fault.pending) == 28, "x86.vcpu_events.triple_fault.pending: offset != 28");
+_Static_assert(offsetof(struct kvm_vcpu_events, reserved) == 29, "x86.vcpu_events.reserved: offset != 29");
+_Static_assert(offsetof(struct kvm_vcpu_events, exception_has_payload) == 55, "x86.vcpu_events.exception_has_payload: offset != 55");
+_Static_assert(offsetof(struct kvm_vcpu_events, exception_payload) == 56, "x86.vcpu_events.exception_payload: offset != 56");
+/* x86.pit2 <-> struct kvm_pit_state2 */
+_Static_assert(sizeof(struct kvm_pit_state2) == 112, "x86.pit2: sizeof(struct kvm_pit_state2) != 112");
+_Static_assert(offsetof(struct kvm_pit_state2, channels) == 0, "x86.pit2.channels: offset != 0");
+_Static_assert(offsetof(struct kvm_pit_state2, flags) == 72, "x86.pit2.flags: offset != 72");
+_Static_assert(offsetof(struct kvm_pit_state2, reserved) == 76, "x86.pit2.reserved: offset != 76");
+/* x86.clock <-> struct kvm_clock_data */
+_Static_assert(sizeof(struct kvm_clock_data) == 48, "x86.clock: sizeof(struct kvm_clock_data) != 48");
+_Static_assert(offsetof(struct kvm_clock_data, clock) == 0, "x86.clock.clock: offset != 0");
+_Static_assert(offsetof(struct kvm_clock_data, flags) == 8, "x86.clock.flags: offset != 8");
+_Static_assert(offsetof(struct kvm_clock_data, pad0) == 12, "x86.clock.pad0: offset != 12");
+_Static_assert(offsetof(struct kvm_clock_data, realtime) == 16, "x86.clock.realtime: offset != 16");
+_Static_assert(offsetof(struct kvm_clock_data, host_tsc) == 24, "x86.clock.host_tsc: offset != 24");
+_Static_assert(offsetof(struct kvm_clock_data, pad) == 32, "x86.clock.pad: offset != 32");
+/* x86.pic <-> struct kvm_irqchip */
+_Static_assert(sizeof(struct kvm_irqchip) == 520, "x86.pic: sizeof(struct kvm_irqchip) != 520");
+_Static_assert(offsetof(struct kvm_irqchip, chip_id) == 0, "x86.pic.chip_id: offset != 0");
+_Static_assert(offsetof(struct kvm_irqchip, pad) == 4, "x86.pic.pad: offset != 4");
+_Static_assert(offsetof(struct kvm_irqchip, chip) == 8, "x86.pic.chip: offset != 8");
+_Static_assert(offsetof(struct kvm_irqchip, chip.pic) == 8, "x86.pic.chip.pic: offset != 8");
+_Static_assert(offsetof(struct kvm_irqchip, chip.pic.last_irr) == 8, "x86.pic.chip.pic.last_irr: offset != 8");
+_Static_assert(offsetof(struct kvm_irqchip, chip.pic.irr) == 9, "x86.pic.chip.pic.irr: offset != 9");
+_Static_assert(offsetof(struct kvm_irqchip, chip.pic.imr) == 10, "x86.pic.chip.pic.imr: offset != 10");
+_Static_assert(offsetof(struct kvm_irqchip, chip.pic.isr) == 11, "x86.pic.chip.pic.isr: offset != 11");
+_Static_assert(offsetof(struct kvm_irqchip, chip.pic.priority_add) == 12, "x86.pic.chip.pic.priority_add: offset != 12");
+_Static_assert(offsetof(struct kvm_irqchip, chip.pic.irq_base) == 13, "x86.pic.chip.pic.irq_base: offset != 13");
+_Static_assert(offsetof(struct kvm_irqchip, chip.pic.read_reg_select) == 14, "x86.pic.chip.pic.read_reg_select: offset != 14");
+_Static_assert(offsetof(struct kvm_irqchip, chip.pic.poll) == 15, "x86.pic.chip.pic.poll: offset != 15");
+_Static_assert(offsetof(struct kvm_irqchip, chip.pic.special_mask) == 16, "x86.pic.chip.pic.special_mask: offset != 16");
+_Static_assert(offsetof(struct kvm_irqchip, chip.pic.init_state) == 17, "x86.pic.chip.pic.init_state: offset != 17");
+_Static_assert(offsetof(struct kvm_irqchip, chip.pic.auto_eoi) == 18, "x86.pic.chip.pic.auto_eoi: offset != 18");
+_Static_assert(offsetof(struct kvm_irqchip, chip.pic.rotate_on_auto_eoi) == 19, "x86.pic.chip.pic.rotate_on_auto_eoi: offset != 19");
+_Static_assert(offsetof(struct kvm_irqchip, chip.pic.special_fully_nested_mode) == 20, "x86.pic.chip.pic.special_fully_nested_mode: offset != 20");
+_Static_assert(offsetof(struct kvm_irqchip, chip.pic.init4) == 21, "x86.pic.chip.pic.init4: offset != 21");
+_Static_assert(offsetof(struct kvm_irqchip, chip.pic.elcr) == 22, "x86.pic.chip.pic.elcr: offset != 22");
+_Static_assert(offsetof(struct kvm_irqchip, chip.pic.elcr_mask) == 23, "x86.pic.chip.pic.elcr_mask: offset != 23");
+/* x86.ioapic <-> struct kvm_irqchip */
+_Static_assert(sizeof(struct kvm_irqchip) == 520, "x86.ioapic: sizeof(struct kvm_irqchip) != 520");
+_Static_assert(offsetof(struct kvm_irqchip, chip_id) == 0, "x86.ioapic.chip_id: offset != 0");
+_Static_assert(offsetof(struct kvm_irqchip, pad) == 4, "x86.ioapic.pad: offset != 4");
+_Static_assert(offsetof(struct kvm_irqchip, chip) == 8, "x86.ioapic.chip: offset != 8");
+_Static_assert(offsetof(struct kvm_irqchip, chip.ioapic) == 8, "x86.ioapic.chip.ioapic: offset != 8");
+_Static_assert(offsetof(struct kvm_irqchip, chip.ioapic.base_address) == 8, "x86.ioapic.chip.ioapic.base_address: offset != 8");
+_Static_assert(offsetof(struct kvm_irqchip, chip.ioapic.ioregsel) == 16, "x86.ioapic.chip.ioapic.ioregsel: offset != 16");
+_Static_assert(offsetof(struct kvm_irqchip, chip.ioapic.id) == 20, "x86.ioapic.chip.ioapic.id: offset != 20");
+_Static_assert(offsetof(struct kvm_irqchip, chip.ioapic.irr) == 24, "x86.ioapic.chip.ioapic.irr: offset != 24");
+_Static_assert(offsetof(struct kvm_irqchip, chip.ioapic.pad) == 28, "x86.ioapic.chip.ioapic.pad: offset != 28");
+_Static_assert(offsetof(struct kvm_irqchip, chip.ioapic.redirtbl) == 32, "x86.ioapic.chip.ioapic.redirtbl: offset != 32");
+/* x86.gsi_routing <-> struct kvm_irq_routing */
+_Static_assert(sizeof(struct kvm_irq_routing) == 8, "x86.gsi_routing: sizeof(struct kvm_irq_routing) != 8");
+_Static_assert(offsetof(struct kvm_irq_routing, nr) == 0, "x86.gsi_routing.nr: offset != 0");
+_Static_assert(offsetof(struct kvm_irq_routing, flags) == 4, "x86.gsi_routing.flags: offset != 4");
+_Static_assert(offsetof(struct kvm_irq_routing, entries) == 8, "x86.gsi_routing.entries: offset != 8");
+_Static_assert(sizeof(struct kvm_irq_routing_entry) == 48, "x86.gsi_routing: sizeof(struct kvm_irq_routing_entry) != 48");
+_Static_assert(offsetof(struct kvm_irq_routing_entry, gsi) == 0, "x86.gsi_routing[].gsi: offset != 0");
+_Static_assert(offsetof(struct kvm_irq_routing_entry, type) == 4, "x86.gsi_routing[].type: offset != 4");
+_Static_assert(offsetof(struct kvm_irq_routing_entry, flags) == 8, "x86.gsi_routing[].flags: offset != 8");
+_Static_assert(offsetof(struct kvm_irq_routing_entry, pad) == 12, "x86.gsi_routing[].pad: offset != 12");
+#endif /* __linux__ && __x86_64__ */
 
 #endif /* SNAPFMT_LAYOUT_H */

@@ -139,7 +139,10 @@ def kind_shape(kind) -> dict:
             except c.SizeofError:
                 size = None
             if size is not None:
-                if re.fullmatch(r"u(8|16|32|64)(le)?", type_name(sc)):
+                base = sc
+                while isinstance(base, (c.Renamed, c.Rebuild, c.Default, c.Const)):
+                    base = base.subcon
+                if re.fullmatch(r"u(8|16|32|64)(le)?", type_name(base)):
                     fields[sc.name] = (prefix, size)
                 prefix += size
                 continue
@@ -148,8 +151,8 @@ def kind_shape(kind) -> dict:
             count_field = _path_field(inner.count)
             try:
                 elem = inner.subcon.sizeof()
-            except c.SizeofError:
-                elem = None
+            except c.SizeofError:            # union records: the kind gives the size
+                elem = kind.extra.get("entry_size")
         elif hasattr(inner, "subcon") and isinstance(inner.subcon, c.Bytes):
             count_field, elem = _path_field(inner.subcon.length), 1
         elif isinstance(inner, c.Bytes):
@@ -199,31 +202,68 @@ def _struct_c(name: str, fields: list[dict], doc: str) -> list[str]:
 
 
 def _kernel_asserts(ks) -> list[str]:
+    """sizeof/offsetof asserts tying KVM sections to <linux/kvm.h>.
+
+    Conventions of the kind declarations (see snapfmt/kvm_x86.py):
+    ``extra["c_unmapped"]`` lists field paths with no kernel member (union
+    tails); variable kinds give ``extra["header"]`` (the fixed part, whose
+    size is sizeof(kernel_struct) since the kernel's array is flexible),
+    ``extra["entry"]``/``extra["entry_struct"]`` and ``extra["entries_field"]``.
+    """
     out = []
     for k in ks:
         if not k.kernel_struct or k.arch not in (None, "x86_64"):
             continue
         st = k.kernel_struct
-        skip = set(k.extra.get("kernel_skip_fields", ()))
-        renames = dict(k.extra.get("kernel_field_names", {}))
+        skip = set(k.extra.get("c_unmapped", ()))
         out.append(f"/* {k.name} <-> {st} */")
         fixed = k.fixed_size
-        if fixed is not None:
-            out.append(f'_Static_assert(sizeof({st}) == {fixed}, '
-                       f'"{k.name}: sizeof({st}) != {fixed}");')
-        decl = _unwrap_named(k.decl)
-        if isinstance(decl, c.Struct):
+        head = k.decl if fixed is not None else k.extra.get("header")
+        if head is not None:
+            hs = head.sizeof()
+            out.append(f'_Static_assert(sizeof({st}) == {hs}, '
+                       f'"{k.name}: sizeof({st}) != {hs}");')
+            out += _offset_asserts(k.name, st, head, skip)
+        else:
+            decl = _unwrap_named(k.decl)
+            if isinstance(decl, c.Struct):
+                out += _offset_asserts(k.name, st, decl, skip, prefix_only=True)
+        ef, es = k.extra.get("entries_field"), k.extra.get("entry_struct")
+        if ef and head is not None:
+            out.append(f'_Static_assert(offsetof({st}, {ef}) == {head.sizeof()}, '
+                       f'"{k.name}.{ef}: offset != {head.sizeof()}");')
+        entry = k.extra.get("entry")
+        if es and entry is None and isinstance(_unwrap_named(k.decl), c.Struct) and ef:
+            for sc in _unwrap_named(k.decl).subcons:
+                if sc.name == ef and isinstance(_unwrap_named(sc), c.Array):
+                    entry = _unwrap_named(sc).subcon
+        if es and entry is not None:
             try:
-                leaves = list(field_layout(decl))
-            except (c.SizeofError, TypeError):
-                leaves = _prefix_layout(decl)
-            for path, off, _size, _t in leaves:
-                if any(p.startswith("_") for p in path.split(".")) or path in skip \
-                        or path.split(".")[0] in skip:
-                    continue
-                cpath = renames.get(path, path)
-                out.append(f'_Static_assert(offsetof({st}, {cpath}) == {off}, '
-                           f'"{k.name}.{path}: offset != {off}");')
+                esz = entry.sizeof()
+            except c.SizeofError:        # a union (Switch) inside: size given by the kind
+                esz = k.extra.get("entry_size")
+            if esz:
+                out.append(f'_Static_assert(sizeof({es}) == {esz}, '
+                           f'"{k.name}: sizeof({es}) != {esz}");')
+            out += _offset_asserts(k.name + "[]", es, entry, set())
+    return out
+
+
+def _offset_asserts(label, st, decl, skip, prefix_only=False) -> list[str]:
+    decl = _unwrap_named(decl)
+    if prefix_only:
+        leaves = _prefix_layout(decl)
+    else:
+        try:
+            leaves = list(field_layout(decl))
+        except (c.SizeofError, TypeError):
+            leaves = _prefix_layout(decl)
+    out = []
+    for path, off, _size, _t in leaves:
+        if path in skip or any(p.startswith("_") for p in path.split(".")):
+            continue
+        out.append(f'_Static_assert(offsetof({st}, {path}) == {off}, '
+                   f'"{label}.{path}: offset != {off}");')
     return out
 
 
@@ -309,7 +349,9 @@ def render_header() -> str:
           "#define SNAPFMT_SHAPE_NONE 0", "#define SNAPFMT_SHAPE_FIXED 1",
           "#define SNAPFMT_SHAPE_LINEAR 2", "#define SNAPFMT_SHAPE_OPAQUE 3",
           "/* X(ident, type, name, default_flags, version, shape, fixed_size, prefix,",
-          " *   cnt1_off, cnt1_size, elem1, cnt2_off, cnt2_size, elem2) */",
+          " *   cnt1_off, cnt1_size, elem1, cnt2_off, cnt2_size, elem2, max_count1);",
+          " * max_count1 (0 = none): count 1 above it is SNAPFMT_ERR_LIMIT, checked",
+          " * before the length (extra['max_count'] of the kind). */",
           "#define SNAPFMT_SECTION_KINDS(X) \\"]
     for k in ks:
         flags = (["SNAPFMT_SEC_F_CRITICAL"] if k.critical else []) + \
@@ -323,7 +365,8 @@ def render_header() -> str:
         shape = "SNAPFMT_SHAPE_" + sh["shape"].upper()
         o.append(f'\tX({_ident(k)}, 0x{k.type_id:04x}u, "{k.name}", '
                  f'{"|".join(flags) or "0"}, {k.version}, {shape}, {fixed}u, {prefix}u, '
-                 f'{t[0][1]}u, {t[0][2]}u, {t[0][3]}u, {t[1][1]}u, {t[1][2]}u, {t[1][3]}u) \\')
+                 f'{t[0][1]}u, {t[0][2]}u, {t[0][3]}u, {t[1][1]}u, {t[1][2]}u, {t[1][3]}u, '
+                 f'{int(k.extra.get("max_count", 0)) if sh["shape"] == "linear" else 0}u) \\')
     o.append("")
     o += ["/* --- on-disk structs (all integers little-endian) --- */", ""]
     o += _struct_c("snapfmt_header", hdr, f"File header at offset 0 ({L.HEADER_SIZE} bytes in v1.0; "
