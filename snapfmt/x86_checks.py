@@ -5,31 +5,29 @@ Each check judges decoded sections of a loaded snapshot and yields
 ``x86.sregs[vcpu 1].cr0``.  Sections whose bytes do not decode are skipped
 here: :func:`snapfmt.validate` already reports them.
 
-Finding codes (stable):
+Finding codes (stable; severity, meaning):
 
-========================== ======== ==================================================
-code                       severity meaning
-========================== ======== ==================================================
-x86-cr0-pg-without-pe      error    CR0.PG set, CR0.PE clear (#GP on real hardware)
-x86-efer-lma-without-paging error   EFER.LMA set without CR4.PAE and CR0.PG
-x86-efer-lme-pg-without-lma error   EFER.LME and CR0.PG set, EFER.LMA clear (KVM rejects)
-x86-cs-l-outside-long-mode error    CS.L set while EFER.LMA is clear (KVM rejects)
-x86-cs-l-and-d             error    CS.L and CS.D both set in long mode (reserved)
-x86-apic-base-mismatch     error    sregs.apic_base differs from MSR IA32_APIC_BASE
-x86-lapic-id-mismatch      warning  LAPIC ID register differs from the vCPU index
-x86-xsave-xcomp-bv         error    XCOMP_BV != 0: KVM's buffer is standard format
-x86-xsave-header-reserved  error    XSAVE header bytes 528..575 not zero
-x86-xsave-too-small        error    an XSTATE_BV component ends past the section
-x86-xsave-bv-not-in-xcr0   error    XSTATE_BV has components XCR0 does not enable
-x86-cpuid-duplicate        error    two CPUID entries with the same function+index
-x86-msr-duplicate          warning  one MSR index listed twice
-x86-mp-state-range         error    mp_state not one KVM_SET_MP_STATE accepts on x86
-x86-vcpu-index-gap         error    vCPU indices are not 0..n-1
-x86-vcpu-sections-differ   error    a vCPU lacks a per-vCPU section others have
-x86-vcpu-count-metadata    error    vCPU count differs from metadata template.vcpus
-x86-irqchip-chip-id        error    x86.pic/x86.ioapic chip_id vs instance
-x86-tsc-khz-reserved       error    x86.tsc_khz reserved field not zero
-========================== ======== ==================================================
+- ``x86-cr0-pg-without-pe`` (error): CR0.PG set, CR0.PE clear.
+- ``x86-efer-lma-without-paging`` (error): EFER.LMA set without CR4.PAE and CR0.PG.
+- ``x86-efer-lme-pg-without-lma`` (error): EFER.LME and CR0.PG set, LMA clear (KVM rejects).
+- ``x86-cs-l-outside-long-mode`` (error): CS.L set while EFER.LMA is clear (KVM rejects).
+- ``x86-cs-l-and-d`` (error): CS.L and CS.D both set in long mode (reserved).
+- ``x86-apic-base-mismatch`` (error): sregs.apic_base differs from MSR IA32_APIC_BASE.
+- ``x86-lapic-id-mismatch`` (warning): LAPIC ID register differs from the vCPU index.
+- ``x86-xsave-xcomp-bv`` (error): XCOMP_BV != 0 (KVM's buffer is standard format).
+- ``x86-xsave-header-reserved`` (error): XSAVE header bytes 528..575 not zero.
+- ``x86-xsave-too-small`` (error): an XSTATE_BV component (placed by CPUID leaf 0xD)
+  ends past the end of the section.
+- ``x86-xsave-bv-not-in-xcr0`` (error): XSTATE_BV has components XCR0 does not enable.
+- ``x86-cpuid-duplicate`` (error): two CPUID entries with the same function+index.
+- ``x86-msr-duplicate`` (warning): one MSR index listed twice.
+- ``x86-mp-state-range`` (error): mp_state is not one KVM_SET_MP_STATE accepts on x86
+  (0-4, 9, 10; 5-8 are s390-only and get -EINVAL).
+- ``x86-vcpu-index-gap`` (error): vCPU indices are not 0..n-1.
+- ``x86-vcpu-sections-differ`` (error): a vCPU lacks a per-vCPU section others have.
+- ``x86-vcpu-count-metadata`` (error): vCPU count differs from metadata template.vcpus.
+- ``x86-irqchip-chip-id`` (error): x86.pic / x86.ioapic chip_id vs instance.
+- ``x86-tsc-khz-reserved`` (error): x86.tsc_khz reserved field not zero.
 """
 
 from __future__ import annotations
@@ -59,7 +57,7 @@ def _fields(sec):
         return None
 
 
-def _per_vcpu(snap, name: str) -> Iterator[tuple[object, dict]]:
+def _decoded(snap, name: str) -> Iterator[tuple[object, dict]]:
     for sec in snap.all(name):
         f = _fields(sec)
         if f is not None:
@@ -70,7 +68,7 @@ def _per_vcpu(snap, name: str) -> Iterator[tuple[object, dict]]:
 
 @check("x86-control-registers", arch=ARCH)
 def check_control_registers(snap):
-    for sec, f in _per_vcpu(snap, "x86.sregs"):
+    for sec, f in _decoded(snap, "x86.sregs"):
         cr0, cr4, efer = f["cr0"], f["cr4"], f["efer"]
         if cr0 & kx.CR0_PG and not cr0 & kx.CR0_PE:
             yield Finding("x86-cr0-pg-without-pe", ERROR, f"{sec.label}.cr0",
@@ -105,7 +103,7 @@ def _msr_values(sec) -> dict[int, int] | None:
 
 @check("x86-apic", arch=ARCH)
 def check_apic(snap):
-    for sec, f in _per_vcpu(snap, "x86.sregs"):
+    for sec, f in _decoded(snap, "x86.sregs"):
         msrs_sec = snap.find("x86.msrs", sec.instance)
         if msrs_sec is None:
             continue
@@ -117,7 +115,7 @@ def check_apic(snap):
             yield Finding("x86-apic-base-mismatch", ERROR, f"{sec.label}.apic_base",
                           f"sregs.apic_base 0x{f['apic_base']:x} != "
                           f"{msrs_sec.label} IA32_APIC_BASE 0x{m:x}")
-    for sec, f in _per_vcpu(snap, "x86.lapic"):
+    for sec, f in _decoded(snap, "x86.lapic"):
         regs = bytes.fromhex(f["regs"])
         raw = kx.lapic_reg(regs, kx.APIC_ID)
         sregs = _fields(snap.find("x86.sregs", sec.instance))
@@ -233,7 +231,7 @@ def check_msrs(snap):
 
 @check("x86-mp-state", arch=ARCH)
 def check_mp_state(snap):
-    for sec, f in _per_vcpu(snap, "x86.mp_state"):
+    for sec, f in _decoded(snap, "x86.mp_state"):
         v = f["mp_state"]
         if v not in kx.MP_STATES_X86:
             what = (f"KVM_MP_STATE_{kx.MP_STATES[v]} is not an x86 state" if v in kx.MP_STATES
@@ -292,18 +290,18 @@ def check_vcpus(snap):
 
 @check("x86-irqchip", arch=ARCH)
 def check_irqchip(snap):
-    for sec, f in _per_vcpu(snap, "x86.pic"):
+    for sec, f in _decoded(snap, "x86.pic"):
         if sec.instance not in (kx.KVM_IRQCHIP_PIC_MASTER, kx.KVM_IRQCHIP_PIC_SLAVE) \
                 or f["chip_id"] != sec.instance:
             yield Finding("x86-irqchip-chip-id", ERROR, f"{sec.label}.chip_id",
                           f"chip_id {f['chip_id']} in instance {sec.instance} (PIC instances "
                           f"are 0 = master and 1 = slave, equal to chip_id)")
-    for sec, f in _per_vcpu(snap, "x86.ioapic"):
+    for sec, f in _decoded(snap, "x86.ioapic"):
         if f["chip_id"] != kx.KVM_IRQCHIP_IOAPIC or sec.instance != 0:
             yield Finding("x86-irqchip-chip-id", ERROR, f"{sec.label}.chip_id",
                           f"chip_id {f['chip_id']} in instance {sec.instance} (the IOAPIC is "
                           f"chip_id {kx.KVM_IRQCHIP_IOAPIC}, instance 0)")
-    for sec, f in _per_vcpu(snap, "x86.tsc_khz"):
+    for sec, f in _decoded(snap, "x86.tsc_khz"):
         if f["reserved"]:
             yield Finding("x86-tsc-khz-reserved", ERROR, f"{sec.label}.reserved",
                           f"reserved is 0x{f['reserved']:x}, must be 0")

@@ -344,6 +344,12 @@ def test_tsc_khz_reserved():
 def test_undecodable_section_is_reported_once_not_crashing():
     snap = build(skip={("x86.msrs", 0)})
     snap.add("x86.msrs", 0, data=(5).to_bytes(4, "little") + bytes(4))
-    found = snapfmt.validate(snap)
-    assert any(f.code == "bad-length" and "x86.msrs[vcpu 0]" in f.location for f in found)
+    raw = snap.to_bytes()
+    with pytest.raises(snapfmt.FormatError) as ei:
+        snapfmt.loads(raw)
+    assert ei.value.code == "bad-length" and ei.value.section == "x86.msrs[vcpu 0]"
+    assert ei.value.field == "nmsrs"
+    found = snapfmt.validate(snapfmt.loads(raw, strict=False))
+    bad = [f for f in found if f.code == "bad-length"]
+    assert len(bad) == 1 and bad[0].location.startswith("x86.msrs[vcpu 0].nmsrs")
     assert [f.code for f in found if f.code.startswith("x86-")] == []
