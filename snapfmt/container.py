@@ -89,6 +89,19 @@ class Section:
             self._data = self.snapshot._buf[self.offset:self.offset + self.length]
         return memoryview(self._data)
 
+    @property
+    def record(self):
+        """Zero-copy numpy structured record of a fixed-size section (kernel field names).
+
+        Much faster than :attr:`fields` for checks; None when the kind has no
+        flat dtype (unions) or is unknown.
+        """
+        k = self.kind
+        dt = k.dtype if k is not None else None
+        if dt is None or self.length != dt.itemsize:
+            return None
+        return np.frombuffer(self.data, dtype=dt, count=1)[0]
+
     def crc_ok(self) -> bool:
         return crc32c(self.data) == self.crc32c
 
@@ -146,16 +159,22 @@ class Snapshot:
         self._crc_failures: list[FormatError] = []
 
     # ------------------------------------------------------------------ access
+    def _index(self) -> dict:
+        idx = self.__dict__.get("_idx")
+        if idx is None or idx[0] is not self.sections or idx[1] != len(self.sections):
+            by_key, by_type = {}, {}
+            for s in self.sections:
+                by_key[(s.type_id, s.instance)] = s
+                by_type.setdefault(s.type_id, []).append(s)
+            idx = (self.sections, len(self.sections), by_key, by_type)
+            self.__dict__["_idx"] = idx
+        return idx
+
     def find(self, what, instance: int = 0) -> Section | None:
-        tid = _type_id(what)
-        for s in self.sections:
-            if s.type_id == tid and s.instance == instance:
-                return s
-        return None
+        return self._index()[2].get((_type_id(what), instance))
 
     def all(self, what) -> list[Section]:
-        tid = _type_id(what)
-        return [s for s in self.sections if s.type_id == tid]
+        return list(self._index()[3].get(_type_id(what), ()))
 
     def __iter__(self) -> Iterator[Section]:
         return iter(self.sections)
@@ -263,9 +282,11 @@ class Snapshot:
         new = Section(self, old.index, old.type_id, old.instance, old.version, old.flags,
                       crc32c(data), None, len(data), data)
         self.sections[old.index] = new
+        self.__dict__.pop("_idx", None)
         return new
 
     def remove(self, section: Section) -> None:
+        self.__dict__.pop("_idx", None)
         self.sections.remove(section)
         for i, s in enumerate(self.sections):
             s.index = i

