@@ -1,0 +1,98 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * snapfmt_kvm.h -- KVM capture/restore helpers over the snapfmt reader/writer.
+ *
+ * These are the calls a VMM (our libkrun fork, tools/harness/snapvm) makes to
+ * snapshot a paused x86_64 VM and to restore it into fresh VM/vCPU fds.  The
+ * section bytes are the KVM UAPI structs themselves, so no conversion happens.
+ *
+ * Orders (spec/FORMAT.md 6.2, normative):
+ *   save, per vCPU:  MP_STATE, REGS, SREGS, XSAVE, XCRS, DEBUGREGS, LAPIC,
+ *                    VCPU_EVENTS, MSRS, CPUID2, TSC_KHZ
+ *   save, VM:        PIT2, CLOCK, PIC master, PIC slave, IOAPIC
+ *   restore, vCPU:   CPUID2, MP_STATE, REGS, SREGS, XSAVE, XCRS, DEBUGREGS,
+ *                    LAPIC, MSRS (IA32_TSC before TSC_DEADLINE), VCPU_EVENTS
+ *   restore, VM:     PIT2, CLOCK (flags cleared), PIC master, slave, IOAPIC
+ *   (the VMM restores the VM state after all vCPUs)
+ *
+ * Pausing: a vCPU that exited for port I/O must be re-entered once with
+ * kvm_run->immediate_exit = 1 before its state is read, or the IN/OUT is left
+ * half done -- snapfmt_kvm_pause_vcpu() does that.
+ *
+ * RAM: snapfmt_kvm_save_ram() writes a memfd (or any fd) region as a RAM
+ * section (zero pages become holes) and records it in the memory layout;
+ * snapfmt_kvm_restore_ram() maps every region MAP_PRIVATE from the snapshot
+ * file and registers it with KVM_SET_USER_MEMORY_REGION, after refusing a
+ * backing file that can change under its children (writable by anyone, or
+ * identity different from the one recorded).
+ *
+ * All functions return 0 or a negative SNAPFMT_ERR_* (SNAPFMT_ERR_KVM: an
+ * ioctl failed, errno says why; snapfmt_kvm_last_ioctl() names it).
+ */
+#ifndef SNAPFMT_KVM_H
+#define SNAPFMT_KVM_H
+
+#include <stdint.h>
+
+#include "snapfmt.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct kvm_run;
+
+/* Upper bound on MSRs saved per vCPU. */
+#define SNAPFMT_KVM_MAX_MSRS 256
+
+/* MSRs to save: KVM_GET_MSR_INDEX_LIST on the system fd, minus the ones that
+ * cannot be restored from their read-back value (feature MSRs such as
+ * IA32_ARCH_CAPABILITIES 0x10a come from KVM_GET_MSR_FEATURE_INDEX_LIST and are
+ * excluded).  Writes at most cap indices into out, the count into *n. */
+int snapfmt_kvm_msr_list(int kvm_fd, uint32_t *out, uint32_t cap, uint32_t *n);
+
+/* Finish a pending PIO/MMIO exit (immediate_exit re-entry) so the vCPU state
+ * is consistent; run is the vCPU's mmap'ed kvm_run. */
+int snapfmt_kvm_pause_vcpu(int vcpu_fd, struct kvm_run *run);
+
+/* Save one vCPU (instance = index) in the documented order.  msrs/n_msrs from
+ * snapfmt_kvm_msr_list(). */
+int snapfmt_kvm_save_vcpu(struct snapfmt_writer *w, int vcpu_fd, uint32_t index,
+			  const uint32_t *msrs, uint32_t n_msrs);
+/* Save the VM-wide state (PIT2, CLOCK, PIC x2, IOAPIC). */
+int snapfmt_kvm_save_vm(struct snapfmt_writer *w, int vm_fd);
+
+/* Guest RAM region to save / restored mapping. */
+struct snapfmt_kvm_ram {
+	uint64_t gpa;     /* guest physical address */
+	uint64_t size;    /* bytes */
+	void *host;       /* restore: the MAP_PRIVATE mapping (munmap it yourself) */
+	uint32_t slot;    /* restore: the KVM memory slot used */
+};
+
+/* Write the RAM regions (each backed by fd at the given offset, e.g. a memfd)
+ * as RAM sections plus the memory layout section. */
+int snapfmt_kvm_save_ram(struct snapfmt_writer *w, int fd, const uint64_t *fd_offsets,
+			 const struct snapfmt_kvm_ram *regions, uint32_t n);
+
+/* Refuse a snapshot whose RAM file can change under its children:
+ * SNAPFMT_ERR_CHANGED when the file is writable by anyone (mode & 0222) or, for
+ * a memfd, lacks F_SEAL_WRITE|F_SEAL_SHRINK|F_SEAL_GROW. */
+int snapfmt_kvm_check_immutable(int fd);
+
+/* Map every memory region of r MAP_PRIVATE from the file and register it with
+ * KVM (slots first_slot, first_slot+1, ...).  Fills out[0..*n). */
+int snapfmt_kvm_restore_ram(const struct snapfmt_reader *r, int vm_fd, uint32_t first_slot,
+			    struct snapfmt_kvm_ram *out, uint32_t cap, uint32_t *n);
+
+/* Restore one vCPU / the VM state into fresh fds, in the documented order. */
+int snapfmt_kvm_restore_vcpu(const struct snapfmt_reader *r, int vcpu_fd, uint32_t index);
+int snapfmt_kvm_restore_vm(const struct snapfmt_reader *r, int vm_fd);
+
+/* Name of the last ioctl that failed in this thread ("KVM_SET_SREGS"), or "". */
+const char *snapfmt_kvm_last_ioctl(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* SNAPFMT_KVM_H */
