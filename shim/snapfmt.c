@@ -453,14 +453,17 @@ static int check_table(struct snapfmt_reader *r, unsigned flags, struct snapfmt_
 					    k ? "CRITICAL section: version %u newer than supported %u"
 					      : "CRITICAL section: type 0x%08x unknown",
 					    k ? s.version : s.type, k ? k->version : 0);
-			continue;   /* unknown ancillary: skipped, preserved */
+			k = NULL;   /* ancillary, not understood: CRC only, then skipped */
 		}
 		if (s.flags & SNAPFMT_SEC_F_BULK)
 			continue;
 		if (!snapfmt_section_crc_ok(&s))
 			return fail(d, SNAPFMT_ERR_BADCRC, (int)i, "crc32c", s.offset,
-				    "%s[%u]: CRC32C 0x%08x != table value 0x%08x", k->name, s.instance,
+				    "table[%u] (type 0x%x, instance %u): CRC32C 0x%08x != table "
+				    "value 0x%08x", i, s.type, s.instance,
 				    snapfmt_crc32c(0, s.data, s.length), s.crc);
+		if (!k)
+			continue;
 		err = check_length(k, s.data, s.length);
 		if (err)
 			return fail(d, err, (int)i, "length", s.offset,
