@@ -123,7 +123,15 @@ enum snapfmt_error {
 #define SNAPFMT_SEC_X86_PIC 0x0182u /* x86.pic */
 #define SNAPFMT_SEC_X86_IOAPIC 0x0183u /* x86.ioapic */
 #define SNAPFMT_SEC_X86_GSI_ROUTING 0x0184u /* x86.gsi_routing */
+#define SNAPFMT_SEC_ARM64_VCPU_INIT 0x0200u /* arm64.vcpu_init */
+#define SNAPFMT_SEC_ARM64_VCPU_REGS 0x0201u /* arm64.regs */
+#define SNAPFMT_SEC_ARM64_MP_STATE 0x0202u /* arm64.mp_state */
+#define SNAPFMT_SEC_ARM64_HVF_VCPU 0x0203u /* arm64.hvf_vcpu */
+#define SNAPFMT_SEC_ARM64_GICV3 0x0280u /* arm64.gicv3 */
+#define SNAPFMT_SEC_ARM64_GICV2 0x0281u /* arm64.gicv2 */
+#define SNAPFMT_SEC_ARM64_GIC_BLOB 0x0282u /* arm64.gic_blob */
 #define SNAPFMT_SEC_VIRTIO_MMIO 0x0300u /* virtio.mmio */
+#define SNAPFMT_SEC_VIRTIOFS_INODE_MAP 0x0301u /* virtiofs.inode_map */
 
 /* Length shapes, as the reader checks them at open (rule 20; same policy as
  * snapfmt/container.py): FIXED length == fixed_size; LINEAR length ==
@@ -160,7 +168,15 @@ enum snapfmt_error {
 	X(X86_PIC, 0x0182u, "x86.pic", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 520u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
 	X(X86_IOAPIC, 0x0183u, "x86.ioapic", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 520u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
 	X(X86_GSI_ROUTING, 0x0184u, "x86.gsi_routing", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_LINEAR, 0u, 8u, 0u, 4u, 48u, 0u, 0u, 0u, 4096u) \
+	X(ARM64_VCPU_INIT, 0x0200u, "arm64.vcpu_init", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 32u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
+	X(ARM64_VCPU_REGS, 0x0201u, "arm64.regs", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_LINEAR, 0u, 8u, 0u, 4u, 24u, 0u, 0u, 0u, 4096u) \
+	X(ARM64_MP_STATE, 0x0202u, "arm64.mp_state", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 8u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
+	X(ARM64_HVF_VCPU, 0x0203u, "arm64.hvf_vcpu", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_OPAQUE, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
+	X(ARM64_GICV3, 0x0280u, "arm64.gicv3", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_LINEAR, 0u, 8u, 0u, 4u, 24u, 0u, 0u, 0u, 131072u) \
+	X(ARM64_GICV2, 0x0281u, "arm64.gicv2", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_LINEAR, 0u, 24u, 0u, 4u, 16u, 0u, 0u, 0u, 16384u) \
+	X(ARM64_GIC_BLOB, 0x0282u, "arm64.gic_blob", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_LINEAR, 0u, 8u, 4u, 4u, 16u, 0u, 4u, 1u, 16384u) \
 	X(VIRTIO_MMIO, 0x0300u, "virtio.mmio", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_OPAQUE, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
+	X(VIRTIOFS_INODE_MAP, 0x0301u, "virtiofs.inode_map", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_OPAQUE, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
 
 /* --- on-disk structs (all integers little-endian) --- */
 
