@@ -17,7 +17,7 @@ import numpy as np
 
 from . import layout as L
 from . import registry
-from .crc import crc32c
+from .crc import crc32c, crc32c_file_range
 from .decl import dtype_of
 from .errors import (ChecksumError, EncodeError, FormatError, LimitError, SnapfmtOSError,
                      TruncatedError, UnknownSectionError, VersionError)
@@ -42,7 +42,7 @@ class Section:
     """One entry of the section table plus (lazy) access to its bytes."""
 
     __slots__ = ("snapshot", "index", "type_id", "instance", "version", "flags",
-                 "crc32c", "offset", "length", "_data", "_fields")
+                 "crc32c", "offset", "length", "_data", "_fields", "_kind")
 
     def __init__(self, snapshot, index, type_id, instance, version, flags, crc, offset, length,
                  data=None):
@@ -57,10 +57,11 @@ class Section:
         self.length = length
         self._data = data
         self._fields = None
+        self._kind = registry.by_id(type_id)
 
     @property
     def kind(self) -> registry.SectionKind | None:
-        return registry.by_id(self.type_id)
+        return self._kind
 
     @property
     def name(self) -> str:
@@ -157,6 +158,7 @@ class Snapshot:
         self._buf = None      # mmap or bytes when loaded
         self._mmap = None
         self._crc_failures: list[FormatError] = []
+        self._fd: int | None = None   # file descriptor kept for SEEK_DATA/SEEK_HOLE
 
     # ------------------------------------------------------------------ access
     def _index(self) -> dict:
@@ -387,6 +389,16 @@ class Snapshot:
             except BufferError:
                 pass  # numpy views still alive; the mapping goes when they do
             self._mmap = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
 
     def __enter__(self):
         return self
@@ -400,13 +412,19 @@ class Snapshot:
         labels = {e.section for e in bad}
         for s in self.sections:
             if s.bulk and s.label not in labels and s.offset is not None \
-                    and crc32c(s.data) != s.crc32c:
+                    and self._bulk_crc(s) != s.crc32c:
                 bad.append(_crc_error(s))
         return bad
 
+    def _bulk_crc(self, s: Section) -> int:
+        if self._fd is not None and s._data is None:
+            return crc32c_file_range(self._fd, self._buf, s.offset, s.length)
+        return crc32c(s.data)
+
 
 def _crc_error(s: Section) -> ChecksumError:
-    return ChecksumError(f"CRC32C 0x{crc32c(s.data):08x} != table value 0x{s.crc32c:08x}",
+    return ChecksumError(f"CRC32C 0x{s.snapshot._bulk_crc(s) if s.bulk else crc32c(s.data):08x} "
+                         f"!= table value 0x{s.crc32c:08x}",
                          section=s.label, offset=s.offset,
                          hint="the section bytes were modified or the file is corrupt")
 
@@ -459,10 +477,16 @@ def load(path: str | os.PathLike, *, strict: bool = True) -> Snapshot:
             else:
                 mm = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
                 buf = mm
+            fd = os.dup(f.fileno())
     except OSError as e:
         raise SnapfmtOSError(f"cannot open {path}: {e.strerror}") from None
-    snap = _parse(buf, strict=strict)
+    try:
+        snap = _parse(buf, strict=strict)
+    except BaseException:
+        os.close(fd)
+        raise
     snap._mmap = mm
+    snap._fd = fd
     snap.path = path
     return snap
 

@@ -340,9 +340,15 @@ CPUID_ENTRY_DTYPE = dtype_of(KvmCpuidEntry2)
 MSR_ENTRY_DTYPE = dtype_of(KvmMsrEntry)
 
 
+_SIZES: dict[int, int] = {}   # sizeof() of the header/entry declarations, computed once
+
+
 def _check_counted(buf, section: str, count_field: str, header, entry, limit: int) -> int:
     """Length/count consistency of a header+entries[] blob; returns the count."""
-    hsz = header.sizeof()
+    hsz = _SIZES.get(id(header))
+    if hsz is None:
+        hsz = _SIZES[id(header)] = header.sizeof()
+        _SIZES[id(entry)] = entry.sizeof()
     if len(buf) < hsz:
         raise FormatError(f"{len(buf)} bytes, shorter than its {hsz}-byte header",
                           section=section, field=count_field, offset=0, code="bad-length")
@@ -350,7 +356,7 @@ def _check_counted(buf, section: str, count_field: str, header, entry, limit: in
     if n > limit:
         raise LimitError(f"{count_field} {n} > limit {limit}", section=section,
                          field=count_field, offset=0, code="limit")
-    want = hsz + n * entry.sizeof()
+    want = hsz + n * _SIZES[id(entry)]
     if want != len(buf):
         raise FormatError(f"{count_field} {n} needs {want} bytes, section has {len(buf)}",
                           section=section, field=count_field, offset=0, code="bad-length")

@@ -35,8 +35,11 @@ from __future__ import annotations
 from collections import Counter
 from typing import Iterator
 
+import numpy as np
+
 from . import kvm_x86 as kx
 from . import registry
+
 from .errors import FormatError
 from .findings import ERROR, WARNING, Finding, check
 
@@ -47,10 +50,35 @@ XCR0 = 0
 _FIXED_XSAVE_COMPONENTS = {0: (0, 160), 1: (160, 256), 2: (576, 256)}
 
 
+class _Rec:
+    """Read-only field access over a numpy record with Python int results.
+
+    The checks run on every vCPU of every snapshot validated, so they read the
+    zero-copy numpy record (dtype derived from the declaration) instead of a
+    fully decoded dict.
+    """
+
+    __slots__ = ("_r",)
+
+    def __init__(self, rec):
+        self._r = rec
+
+    def __getitem__(self, name):
+        v = self._r[name]
+        if isinstance(v, np.void):
+            return _Rec(v)
+        if isinstance(v, np.ndarray):
+            return v
+        return int(v)
+
+
 def _fields(sec):
-    """Decoded fields, or None when the bytes do not decode (reported elsewhere)."""
+    """Field access for a section, or None when its bytes do not decode (reported elsewhere)."""
     if sec is None:
         return None
+    rec = sec.record
+    if rec is not None:
+        return _Rec(rec)
     try:
         return sec.fields
     except FormatError:
@@ -116,7 +144,7 @@ def check_apic(snap):
                           f"sregs.apic_base 0x{f['apic_base']:x} != "
                           f"{msrs_sec.label} IA32_APIC_BASE 0x{m:x}")
     for sec, f in _decoded(snap, "x86.lapic"):
-        regs = bytes.fromhex(f["regs"])
+        regs = bytes(sec.data)
         raw = kx.lapic_reg(regs, kx.APIC_ID)
         sregs = _fields(snap.find("x86.sregs", sec.instance))
         x2apic = sregs is not None and sregs["apic_base"] & kx.APIC_BASE_EXTD
@@ -153,8 +181,8 @@ def _xcr0(snap, vcpu: int) -> int | None:
     if f is None:
         return None
     for x in f["xcrs"][:min(f["nr_xcrs"], kx.KVM_MAX_XCRS)]:
-        if x["xcr"] == XCR0:
-            return x["value"]
+        if int(x["xcr"]) == XCR0:
+            return int(x["value"])
     return None
 
 
