@@ -43,7 +43,7 @@ from . import typeids
 from .errors import FormatError
 from .findings import ERROR, WARNING, Finding
 from .inode_map import (FILE_TYPES, FUSE_ROOT_ID, INOMAP_F_MNT_ID, NAME_MAX, MapArrays, MapIndex,
-                        lstat_identity, parse_arrays, show_name)
+                        fd_identity, parse_arrays, show_name)
 
 STALE_CODES = frozenset({"fs-missing", "fs-type-changed", "fs-replaced", "fs-mount-changed",
                          "fs-not-reached", "fs-root-replaced"})
@@ -160,16 +160,24 @@ def _walk(a, label, rootfd, root_i, kids, starts, visited, check_mnt, out) -> No
                     stack.append((ci, -1, cpath, f"ancestor {cpath} has a bad name", iter(sub)))
                 continue
             fail = None
+            cfd = -1
             try:
-                ino, dev, ft, mnt = lstat_identity(name, dfd)
+                # open first, then fstat the fd: what is verified is what a child
+                # would be opened from (no stat/open race); O_PATH|O_NOFOLLOW opens a
+                # symlink as itself
+                cfd = os.open(name, _O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+                ino, dev, ft, mnt = fd_identity(cfd)
             except OSError as ex:
+                if cfd >= 0:
+                    os.close(cfd)
+                    cfd = -1
                 if ex.errno == errno.ENOENT:
                     out.append(Finding("fs-missing", ERROR, loc,
                                        f"{_type_name(want_t)} no longer exists"))
                     fail = f"ancestor {cpath} is missing"
                 else:
-                    out.append(Finding("fs-io-error", ERROR, loc, f"cannot stat: {ex.strerror}"))
-                    fail = f"ancestor {cpath} cannot be read"
+                    out.append(Finding("fs-io-error", ERROR, loc, f"cannot open: {ex.strerror}"))
+                    fail = f"ancestor {cpath} cannot be opened"
             else:
                 if ft != want_t:
                     what = "a symlink swapped in" if ft == _stat.S_IFLNK else _type_name(ft)
@@ -186,18 +194,13 @@ def _walk(a, label, rootfd, root_i, kids, starts, visited, check_mnt, out) -> No
                         and mnt != int(e[ci]["mnt_id"]):
                     out.append(Finding("fs-mount-changed", WARNING, loc,
                                        f"mount id {mnt}, recorded {int(e[ci]['mnt_id'])}"))
-            if not sub:
-                continue
-            if fail is not None:
-                stack.append((ci, -1, cpath, fail, iter(sub)))
-                continue
-            try:
-                cfd = os.open(name, _O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC,
-                              dir_fd=dfd)
-            except OSError as ex:
-                out.append(Finding("fs-io-error", ERROR, loc,
-                                   f"cannot open directory: {ex.strerror}"))
-                stack.append((ci, -1, cpath, f"ancestor {cpath} cannot be opened", iter(sub)))
+                elif ft != _stat.S_IFDIR:
+                    fail = f"parent {cpath} is not a directory"
+            if not sub or fail is not None:
+                if cfd >= 0:
+                    os.close(cfd)
+                if sub:
+                    stack.append((ci, -1, cpath, fail, iter(sub)))
                 continue
             stack.append((ci, cfd, cpath, None, iter(sub)))
     finally:

@@ -839,6 +839,27 @@ def lstat_identity(path: bytes, dir_fd: int = AT_FDCWD) -> tuple[int, int, int, 
     return st.st_ino, st.st_dev, _stat.S_IFMT(st.st_mode), None
 
 
+AT_EMPTY_PATH = 0x1000
+
+
+def fd_identity(fd: int) -> tuple[int, int, int, int | None]:
+    """(st_ino, st_dev, S_IFMT type, mnt_id or None) of an open fd (O_PATH is fine)."""
+    fn = _get_statx()
+    if fn is not None:
+        buf = _Statx()
+        rc = fn(fd, b"", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW,
+                STATX_TYPE | STATX_INO | STATX_MNT_ID, ctypes.byref(buf))
+        if rc == 0:
+            mnt = int(buf.stx_mnt_id) if buf.stx_mask & STATX_MNT_ID else None
+            return (int(buf.stx_ino), os.makedev(buf.stx_dev_major, buf.stx_dev_minor),
+                    buf.stx_mode & S_IFMT, mnt)
+        err = ctypes.get_errno()
+        if err != 38:
+            raise OSError(err, os.strerror(err))
+    st = os.fstat(fd)
+    return st.st_ino, st.st_dev, _stat.S_IFMT(st.st_mode), None
+
+
 def capture(root, max_entries: int | None = None) -> bytes:
     """Inode map section bytes for the directory tree at ``root``.
 
