@@ -332,11 +332,16 @@ class Snapshot:
         out[table_off:table_off + len(table)] = table
         return bytes(out)
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike, *, mode: int | None = None) -> None:
         """Atomic write: temp file beside the target, fsync, rename, fsync dir.
 
-        Zero pages of BULK sections are left as holes (sparse file).
+        Zero pages of BULK sections are left as holes (sparse file).  ``mode``:
+        file permissions (default 0666 & ~umask; restore-ready templates use 0444).
         """
+        if mode is None:
+            um = os.umask(0)
+            os.umask(um)
+            mode = 0o666 & ~um
         path = os.fspath(path)
         offs, table_off, file_size = self._plan()
         table, hdr = self._table_and_header(offs, table_off, file_size)
@@ -359,6 +364,7 @@ class Snapshot:
                 f.seek(0)
                 f.write(hdr)
                 f.flush()
+                os.fchmod(f.fileno(), mode)
                 os.fsync(f.fileno())
             os.rename(tmp, path)
             dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)

@@ -96,3 +96,31 @@ def test_real_kvm_golden_values():
     assert msrs["nmsrs"] >= 20
     assert snap.find("x86.xsave", 0).length >= 4096
     assert snap.metadata["producer"] == "tools/kvm_capture.py"
+
+
+@pytest.mark.parametrize("name", ["x86-kvm-real.snap", "x86-unknown-ancillary.snap"])
+def test_truncation_at_every_offset_of_golden(name):
+    data = (GOLDEN / name).read_bytes()
+    for n in range(len(data)):
+        with pytest.raises(snapfmt.TruncatedError):
+            snapfmt.loads(data[:n])
+
+
+def test_every_single_bit_flip_in_real_golden_is_detected():
+    """Every byte of the header, table and every section, one bit each (rotating)."""
+    data = (GOLDEN / "x86-kvm-real.snap").read_bytes()
+    snap = snapfmt.loads(data)
+    spans = [(0, snap.header_len), (len(data) - 32 * len(snap.sections), len(data))]
+    spans += [(s.offset, s.offset + s.length) for s in snap.sections]
+    n = 0
+    for lo, hi in spans:
+        for off in range(lo, hi):
+            m = bytearray(data)
+            m[off] ^= 1 << (off % 8)
+            try:
+                bad = snapfmt.loads(bytes(m)).deep_verify()
+            except snapfmt.SnapfmtError:
+                bad = [True]
+            assert bad, f"flip at byte {off} bit {off % 8} not detected"
+            n += 1
+    assert n > 20000
