@@ -274,38 +274,6 @@ static int check_header(const uint8_t *b, uint64_t n, struct snapfmt_info *h,
 	return 0;
 }
 
-/* Heapsort of index arrays (no recursion, no allocation, no qsort_r). */
-typedef int (*idx_cmp)(const struct snapfmt_reader *r, uint32_t a, uint32_t b);
-
-static void sift(const struct snapfmt_reader *r, uint32_t *v, size_t root, size_t n, idx_cmp cmp)
-{
-	for (;;) {
-		size_t c = 2 * root + 1;
-		uint32_t t;
-
-		if (c >= n)
-			return;
-		if (c + 1 < n && cmp(r, v[c], v[c + 1]) < 0)
-			c++;
-		if (cmp(r, v[root], v[c]) >= 0)
-			return;
-		t = v[root], v[root] = v[c], v[c] = t;
-		root = c;
-	}
-}
-
-static void sort_idx(const struct snapfmt_reader *r, uint32_t *v, size_t n, idx_cmp cmp)
-{
-	for (size_t i = n / 2; i-- > 0;)
-		sift(r, v, i, n, cmp);
-	for (size_t end = n; end-- > 1;) {
-		uint32_t t = v[0];
-
-		v[0] = v[end], v[end] = t;
-		sift(r, v, 0, end, cmp);
-	}
-}
-
 #define CMP3(x, y) ((x) < (y) ? -1 : (x) > (y) ? 1 : 0)
 
 static int cmp_key(const struct snapfmt_reader *r, uint32_t a, uint32_t b)
@@ -324,6 +292,43 @@ static int cmp_off(const struct snapfmt_reader *r, uint32_t a, uint32_t b)
 
 	return c ? c : CMP3(a, b);
 }
+
+/* Heapsort of index arrays (no recursion, no allocation, no qsort_r),
+ * specialised per comparator; skipped when the input is already in order
+ * (canonical files are sorted by offset). */
+#define DEFINE_SORT(name, cmp)								\
+static void name##_sift(const struct snapfmt_reader *r, uint32_t *v, size_t root, size_t n) \
+{											\
+	for (;;) {									\
+		size_t c = 2 * root + 1;						\
+		uint32_t t;								\
+		if (c >= n)								\
+			return;								\
+		if (c + 1 < n && cmp(r, v[c], v[c + 1]) < 0)				\
+			c++;								\
+		if (cmp(r, v[root], v[c]) >= 0)						\
+			return;								\
+		t = v[root], v[root] = v[c], v[c] = t;					\
+		root = c;								\
+	}										\
+}											\
+static void name(const struct snapfmt_reader *r, uint32_t *v, size_t n)		\
+{											\
+	size_t i;									\
+	for (i = 1; i < n && cmp(r, v[i - 1], v[i]) < 0; i++)				\
+		;									\
+	if (i >= n)									\
+		return;									\
+	for (i = n / 2; i-- > 0;)							\
+		name##_sift(r, v, i, n);						\
+	for (size_t end = n; end-- > 1;) {						\
+		uint32_t t = v[0];							\
+		v[0] = v[end], v[end] = t;						\
+		name##_sift(r, v, 0, end);						\
+	}										\
+}
+DEFINE_SORT(sort_by_key, cmp_key)
+DEFINE_SORT(sort_by_off, cmp_off)
 
 static uint64_t get_count(const uint8_t *p, uint32_t size)
 {
@@ -410,7 +415,7 @@ static int check_table(struct snapfmt_reader *r, unsigned flags, struct snapfmt_
 	}
 
 	/* rule 17: duplicates (first later entry in table order), then overlaps */
-	sort_idx(r, r->by_key, r->count, cmp_key);
+	sort_by_key(r, r->by_key, r->count);
 	for (uint32_t j = 1; j < r->count; j++) {
 		const uint8_t *a = entry(r, r->by_key[j - 1]), *b = entry(r, r->by_key[j]);
 
@@ -425,7 +430,7 @@ static int check_table(struct snapfmt_reader *r, unsigned flags, struct snapfmt_
 			    h->table_offset + (uint64_t)dup * SNAPFMT_TABLE_ENTRY_SIZE,
 			    "(type 0x%x, instance %u) appears twice", ENT32(e, TYPE), ENT32(e, INSTANCE));
 	}
-	sort_idx(r, by_off, r->count, cmp_off);
+	sort_by_off(r, by_off, r->count);
 	for (uint32_t j = 1; j < r->count; j++) {
 		const uint8_t *a = entry(r, by_off[j - 1]), *b = entry(r, by_off[j]);
 		uint64_t ao = ENT64(a, OFFSET), al = ENT64(a, LENGTH), bo = ENT64(b, OFFSET);
