@@ -91,6 +91,14 @@ FEATURE_NAMES = {F_NOTIFY_ON_EMPTY: "NOTIFY_ON_EMPTY", F_ANY_LAYOUT: "ANY_LAYOUT
                  F_NOTIFICATION_DATA: "NOTIFICATION_DATA", F_NOTIF_CONFIG_DATA: "NOTIF_CONFIG_DATA",
                  F_RING_RESET: "RING_RESET"}
 
+# device-specific feature bits (virtio 1.2, 5.x), for annotations
+DEVICE_FEATURE_NAMES = {
+    2: {1: "BLK_SIZE_MAX", 2: "BLK_SEG_MAX", 4: "BLK_GEOMETRY", 5: "BLK_RO", 6: "BLK_BLK_SIZE",
+        9: "BLK_FLUSH", 10: "BLK_TOPOLOGY", 11: "BLK_CONFIG_WCE", 12: "BLK_MQ",
+        13: "BLK_DISCARD", 14: "BLK_WRITE_ZEROES"},
+    26: {0: "FS_NOTIFICATION"},
+}
+
 # split ring geometry (virtio 1.2, 2.7): alignment and size of each area
 DESC_ALIGN, AVAIL_ALIGN, USED_ALIGN = 16, 2, 4
 
@@ -262,6 +270,7 @@ def device_name(device_type: int) -> str:
 
 
 def _annotate_virtio_mmio(f: dict) -> dict:
+    names = {**FEATURE_NAMES, **DEVICE_FEATURE_NAMES.get(f["device_type"], {})}
     queues = []
     for q in f["queues"]:
         queues.append({"desc": f"0x{q['desc_addr']:x}", "avail": f"0x{q['avail_addr']:x}",
@@ -271,8 +280,8 @@ def _annotate_virtio_mmio(f: dict) -> dict:
         "device": device_name(f["device_type"]),
         "mmio": f"[0x{f['mmio_base']:x}, 0x{f['mmio_base'] + f['mmio_len']:x})",
         "status": _bits(f["status"], STATUS_NAMES),
-        "device_features": _bits(f["device_features"], FEATURE_NAMES),
-        "driver_features": _bits(f["driver_features"], FEATURE_NAMES),
+        "device_features": _bits(f["device_features"], names),
+        "driver_features": _bits(f["driver_features"], names),
         "interrupt_status": _bits(f["interrupt_status"], {0: "USED_BUFFER", 1: "CONFIG_CHANGE"}),
         "shm_regions": [f"id {r['id']}: [0x{r['guest_addr']:x}, "
                         f"0x{r['guest_addr'] + r['length']:x})" for r in f["shm_regions"]],
