@@ -930,14 +930,16 @@ def _annotate_regs(f: dict) -> dict:
 _HVF_ARRAYS = [("gprs", "gpr_count", HvfReg, MAX_HVF_GPRS),
                ("sys_regs", "sys_count", HvfSysReg, MAX_HVF_SYS_REGS),
                ("simd", "simd_count", HvfSimdReg, MAX_HVF_SIMD)]
+_HVF_DTYPES = [dtype_of(rec) for _, _, rec, _ in _HVF_ARRAYS]
+GIC_ICC_DTYPE = dtype_of(GicIccReg)
 
 
 def _decode_hvf(buf: bytes) -> dict:
     buf = bytes(buf)
     hdr, offs = _counted(buf, "arm64.hvf_vcpu", HvfVcpuHeader, _HVF_ARRAYS)
     _exact_length(buf, "arm64.hvf_vcpu", offs[-1])
-    for (field, count_field, rec, _), off in zip(_HVF_ARRAYS, offs):
-        hdr[field] = _records(buf, dtype_of(rec), hdr[count_field], off)
+    for (field, count_field, _, _), dt, off in zip(_HVF_ARRAYS, _HVF_DTYPES, offs):
+        hdr[field] = _records(buf, dt, hdr[count_field], off)
     return hdr
 
 
@@ -1057,7 +1059,7 @@ def _decode_gic_blob(buf: bytes) -> dict:
     check_gic_blob(buf)
     hsz = GicBlobHeader.sizeof()
     hdr = _clean(GicBlobHeader.parse(buf[:hsz]))
-    hdr["icc"] = _records(buf, dtype_of(GicIccReg), hdr["icc_count"], hsz)
+    hdr["icc"] = _records(buf, GIC_ICC_DTYPE, hdr["icc_count"], hsz)
     start = hsz + hdr["icc_count"] * GicIccReg.sizeof()
     hdr["blob"] = buf[start:start + hdr["blob_len"]].hex()
     return hdr
