@@ -624,13 +624,14 @@ def _check_queue(snap, sec, f, qi, q, regions, template, event_idx, features_ok)
 
 
 def _check_device_placement(devs, regions):
-    spans = []   # (start, end, what)
+    spans = []   # (start, end, description, location or None for guest RAM)
     for sec, f in devs:
         loc = _dev_label(sec, f)
         if f["mmio_len"] == 0:
             yield Finding("virtio-mmio-window", ERROR, f"{loc}.mmio_len", "MMIO window is empty")
         else:
-            spans.append((f["mmio_base"], f["mmio_base"] + f["mmio_len"], f"{loc} MMIO window"))
+            spans.append((f["mmio_base"], f["mmio_base"] + f["mmio_len"], f"{loc} MMIO window",
+                          f"{loc}.mmio_base"))
         ids = set()
         for ri, r in enumerate(f["shm_regions"]):
             rloc = f"{loc}.shm_regions[{ri}]"
@@ -640,17 +641,20 @@ def _check_device_placement(devs, regions):
             ids.add(r["id"])
             if r["length"]:
                 spans.append((r["guest_addr"], r["guest_addr"] + r["length"],
-                              f"{rloc} (shm id {r['id']})"))
+                              f"{rloc} (shm id {r['id']})", f"{rloc}.guest_addr"))
     for r in regions:
         spans.append((r["guest_phys_addr"], r["guest_phys_addr"] + r["memory_size"],
                       f"guest RAM [0x{r['guest_phys_addr']:x}, "
-                      f"0x{r['guest_phys_addr'] + r['memory_size']:x})"))
-    spans.sort()
-    for (a0, a1, aw), (b0, b1, bw) in zip(spans, spans[1:]):
-        if b0 < a1 and not (aw.startswith("guest RAM") and bw.startswith("guest RAM")):
-            loc = bw if not bw.startswith("guest RAM") else aw
-            yield Finding("virtio-address-overlap", ERROR, loc.split(" ")[0],
-                          f"{bw} [0x{b0:x}, 0x{b1:x}) overlaps {aw}")
+                      f"0x{r['guest_phys_addr'] + r['memory_size']:x})", None))
+    spans.sort(key=lambda s: (s[0], s[1]))
+    for i, (a0, a1, aw, aloc) in enumerate(spans):
+        for b0, b1, bw, bloc in spans[i + 1:]:
+            if b0 >= a1:
+                break
+            if aloc is None and bloc is None:
+                continue          # RAM vs RAM: the memory-layout check reports it
+            yield Finding("virtio-address-overlap", ERROR, bloc or aloc,
+                          f"{bw} [0x{b0:x}, 0x{b1:x}) overlaps {aw} [0x{a0:x}, 0x{a1:x})")
     irqs: dict[int, str] = {}
     for sec, f in devs:
         loc = _dev_label(sec, f)
