@@ -39,9 +39,22 @@ def unknown_ancillary():
     return s
 
 
+def arm64_2vcpu():
+    import make_golden_arm64
+    return make_golden_arm64.build()
+
+
+def devices():
+    import make_golden_devices
+    return make_golden_devices.build()
+
+
+sys.path.insert(0, str(ROOT / "tools"))
 DETERMINISTIC = {
     "x86-4vcpu.snap": multi_vcpu,
     "x86-unknown-ancillary.snap": unknown_ancillary,
+    "arm64-2vcpu.snap": arm64_2vcpu,          # from documented encodings (README-arm64.md)
+    "devices.snap": devices,                  # virtio rings + inode map (make_golden_devices.py)
 }
 
 
