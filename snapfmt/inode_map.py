@@ -627,13 +627,7 @@ def validate_map(a: MapArrays, label: str = SECTION) -> list[Finding]:
         key ^= key >> np.uint64(29)
         order = np.argsort(key)
         sk = key[order]
-        cand = np.flatnonzero(sk[1:] == sk[:-1])
-        dupn = []
-        for k in cand.tolist():
-            i, j = int(order[k]), int(order[k + 1])
-            if int(par[i]) == int(par[j]) and a.name(i) == a.name(j):
-                dupn.append((max(i, j), min(i, j)))
-        dupn.sort()
+        dupn = _exact_duplicates(order, sk, lambda i: (int(par[i]), a.name(i)))
         for i, j in dupn[:MAX_FINDINGS_PER_CODE + 1]:
             r.add("inode-duplicate-name", ERROR, r.entry_loc(i, "name_off"),
                   f"(parent {int(par[i])}, name {show_name(a.name(i))!r}) also used by "
@@ -648,12 +642,8 @@ def validate_map(a: MapArrays, label: str = SECTION) -> list[Finding]:
         ik ^= e["mnt_id"]
         order = np.argsort(ik)
         sk = ik[order]
-        cand = np.flatnonzero(sk[1:] == sk[:-1])
-        dupi = []
-        for k in cand.tolist():
-            i, j = int(order[k]), int(order[k + 1])
-            if all(int(e[i][f]) == int(e[j][f]) for f in ("ino", "dev", "mnt_id")):
-                dupi.append((max(i, j), min(i, j)))
+        dupi = _exact_duplicates(order, sk, lambda i: (int(e[i]["ino"]), int(e[i]["dev"]),
+                                                       int(e[i]["mnt_id"])))
         for i, j in sorted(dupi):
             r.add("inode-duplicate-identity", WARNING, r.entry_loc(i, "ino"),
                   f"same host inode (ino {int(e[i]['ino'])}, dev {int(e[i]['dev'])}) as "
@@ -706,6 +696,32 @@ def validate_map(a: MapArrays, label: str = SECTION) -> list[Finding]:
             r.entries("inode-mount-unknown", WARNING, unknown, "mnt_id",
                       lambda i: f"mnt_id {int(e[i]['mnt_id'])} not in the mount table")
     return r.finish()
+
+
+def _exact_duplicates(order: np.ndarray, sorted_keys: np.ndarray, exact) -> list[tuple[int, int]]:
+    """(entry, first entry with the same exact key) for every later duplicate.
+
+    ``sorted_keys`` are hashes in ``order``; runs of equal hashes are candidates,
+    confirmed with ``exact(i)`` (hash collisions are not duplicates).
+    """
+    eq = sorted_keys[1:] == sorted_keys[:-1]
+    if not eq.any():
+        return []
+    out = []
+    starts = np.flatnonzero(eq & ~np.concatenate(([False], eq[:-1])))
+    for s0 in starts.tolist():
+        s1 = s0 + 1
+        while s1 < len(eq) and eq[s1]:
+            s1 += 1
+        first: dict = {}
+        for i in sorted(order[s0:s1 + 1].tolist()):
+            k = exact(i)
+            if k in first:
+                out.append((i, first[k]))
+            else:
+                first[k] = i
+    out.sort()
+    return out
 
 
 def _report_cycles(r: _Reporter, a: MapArrays, looped: np.ndarray, pidx, linked) -> None:
