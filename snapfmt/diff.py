@@ -393,10 +393,11 @@ def _view_inode_map(f, sec):
     cols = {k: e[k].tolist() for k in ("nodeid", "ino", "dev", "mnt_id", "generation",
                                        "refcount", "file_type")}
     for i, p in enumerate(paths):
-        key = IM.show_name(p) if p is not None else f"<unreachable nodeid {cols['nodeid'][i]}>"
-        tag = f"entries[{json.dumps(key)}]"
+        key = "/" + IM.show_name(p) if p is not None else \
+            f"<unreachable nodeid {cols['nodeid'][i]}>"
+        tag = f"entries[{json.dumps(key, ensure_ascii=False)}]"
         if f"{tag}.nodeid" in out:
-            tag = f"entries[{json.dumps(key)}#{cols['nodeid'][i]}]"
+            tag = f"entries[{json.dumps(key, ensure_ascii=False)}#{cols['nodeid'][i]}]"
         for k, col in cols.items():
             out[f"{tag}.{k}"] = V(col[i], "hex" if k == "file_type" else "num")
     for h in a.handles:
@@ -408,7 +409,37 @@ def _view_inode_map(f, sec):
     return out
 
 
+def _view_arm64_regs(f, sec):
+    from .arm64 import reg_name, reg_value
+    out = {}
+    for r in f["regs"]:
+        name = reg_name(r["id"])
+        if name in out:
+            name = f"{name}#0x{r['id']:x}"
+        out[name] = V(reg_value(r), "hex")
+    return out
+
+
+def _view_arm64_gic(f, sec):
+    from . import arm64 as A
+    per_cpu = {getattr(A, "KVM_DEV_ARM_VGIC_GRP_REDIST_REGS", -1),
+               getattr(A, "KVM_DEV_ARM_VGIC_GRP_CPU_SYSREGS", -1)}
+    out = {}
+    for r in f["regs"]:
+        name = A.gic_attr_name(r)
+        if r["group"] in per_cpu:
+            name = f"cpu[0x{r['mpidr']:x}].{name}"
+        if name in out:
+            name = f"{name}#{r['group']}:0x{r['attr']:x}"
+        out[name] = V(r["value"], "hex")
+    rest = {k: v for k, v in f.items() if k not in ("regs", "count", "reserved")}
+    flatten(rest, "", out)
+    return out
+
+
 VIEWS = {
+    "arm64.regs": _view_arm64_regs, "arm64.gicv3": _view_arm64_gic,
+    "arm64.gicv2": _view_arm64_gic,
     "x86.regs": _view_regs, "x86.sregs": _view_sregs, "x86.msrs": _view_msrs,
     "x86.cpuid2": _view_cpuid, "x86.lapic": _view_lapic, "x86.ioapic": _view_ioapic,
     "x86.pic": _view_pic, "x86.xsave": _view_xsave, "x86.xcrs": _view_xcrs,

@@ -434,6 +434,7 @@ def _add_bulk(snap: Snapshot, instance: int, arr: np.ndarray, *, version=None,
                   (L.SEC_F_CRITICAL | L.SEC_F_BULK) if flags is None else flags,
                   crc32c(arr), None, arr.size, arr)
     snap.sections.append(sec)
+    snap.__dict__.pop("_idx", None)
     return sec
 
 
