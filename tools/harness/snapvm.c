@@ -16,7 +16,10 @@
  *   --mem MiB      guest RAM (default 256)
  *   --timeout S    hard limit for the whole command (default 60; 0 = none)
  *   --iters K      fork: repeat the N-children round K times (default 1)
- *   --comp N       fork: also run "COMP N" in each child (default 0x20)
+ *   --comp N       fork: also run "COMP N" (N hex) in each child (default 20)
+ *   --midway N MS  fork: snapshot the template MS ms into "COMP N" (hex)
+ *                  instead of at READY; children and the resumed template
+ *                  must print the same RESULT
  *   --eof-grace MS run: after stdin EOF keep running MS ms (default 1000)
  *   --avx          let the guest use AVX/YMM (breaks under kvm_pvm: off by default)
  *   -v             verbose
@@ -46,6 +49,8 @@ struct opts {
 	int restore;
 	int verbose;
 	int nchildren;
+	unsigned midway;   /* fork: snapshot in the middle of COMP <midway> */
+	int midway_ms;
 	const char *image;
 };
 
@@ -53,7 +58,7 @@ static void usage(void)
 {
 	fprintf(stderr,
 		"usage: snapvm run [--restore] [--mem MiB] [--timeout S] [--eof-grace MS] [-v] guest.bin\n"
-		"       snapvm fork N [--iters K] [--comp N] [--mem MiB] [--timeout S] [-v] guest.bin\n");
+		"       snapvm fork N [--iters K] [--comp N] [--midway N MS] [--mem MiB] [--timeout S] [-v] guest.bin\n");
 	exit(2);
 }
 
@@ -201,6 +206,7 @@ struct peer {
 	struct restore_times rt;
 	int got_times;
 	char pong[64];
+	char result[64];   /* --midway: RESULT printed before the PONG */
 };
 
 /* Extract one line from p->buf if present. */
@@ -436,10 +442,24 @@ static int cmd_fork(const struct opts *o)
 		if (!strncmp(line, "INFO ", 5))
 			printf("template: %s\n", line);
 	} while (strcmp(line, "READY") != 0);
+	char midway_result[64] = "";
+	if (o->midway) {
+		/* start a long COMP, freeze the template in the middle of it */
+		char cmd[32];
+		snprintf(cmd, sizeof(cmd), "COMP %x\n", o->midway);
+		if (vm_start(&tmpl) < 0 || send_cmd(&tp, cmd) < 0)
+			return 1;
+		usleep((useconds_t)o->midway_ms * 1000);
+		if (vm_pause(&tmpl) < 0)
+			return fail("template: pause during COMP failed"), 1;
+		if (fill(&tp, 0) > 0 && memchr(tp.buf, '\n', tp.len))
+			return fail("template finished COMP before the snapshot (%.*s); raise --midway", (int)tp.len, tp.buf), 1;
+		printf("template: paused %d ms into COMP %x\n", o->midway_ms, o->midway);
+	}
 	uint64_t ts0 = now_ns();
 	if (vm_state_save(&tmpl, &st) < 0)
 		return 1;
-	printf("template: READY, state saved in %.3f ms (%u MSRs, xsave %u bytes)\n",
+	printf("template: state saved in %.3f ms (%u MSRs, xsave %u bytes)\n",
 	       (now_ns() - ts0) / 1e6, st.nmsrs, st.xsave_size);
 	/* children must not inherit the template's mappings */
 	if (madvise(tmpl.ram.host, tmpl.ram.size, MADV_DONTFORK) < 0 ||
@@ -509,6 +529,10 @@ static int cmd_fork(const struct opts *o)
 					}
 					if (meta_line(p, line))
 						continue;
+					if (o->midway && !p->result[0] && !strncmp(line, "RESULT ", 7)) {
+						snprintf(p->result, sizeof(p->result), "%.40s", line + 7);
+						continue;
+					}
 					if (strncmp(line, "PONG ", 5) != 0) {
 						fail("child %d: expected PONG, got '%s'", (int)p->pid, line);
 						snprintf(p->pong, sizeof(p->pong), "(bad)");
@@ -537,6 +561,11 @@ static int cmd_fork(const struct opts *o)
 			nlat++;
 			if (strcmp(p->pong, peers[0].pong) != 0) {
 				fail("child %d: PONG %s != child 0's %s", (int)p->pid, p->pong, peers[0].pong);
+				ok = 0;
+			}
+			if (o->midway && (!p->result[0] || strcmp(p->result, peers[0].result))) {
+				fail("child %d: midway RESULT '%s' != child 0's '%s'", (int)p->pid,
+				     p->result, peers[0].result);
 				ok = 0;
 			}
 		}
@@ -577,7 +606,22 @@ static int cmd_fork(const struct opts *o)
 		if (vm_start(&tmpl) < 0)
 			return 1;
 		unsigned long long pit, lapic;
-		if (transact(&tp, "PING\n", "PONG ", line, sizeof(line)) < 0)
+		if (o->midway) {
+			/* the template finishes the interrupted COMP too */
+			if (read_line(&tp, line, sizeof(line), 30000) < 0 ||
+			    strncmp(line, "RESULT ", 7) != 0) {
+				fail("template: no RESULT after resuming COMP");
+				ok = 0;
+			} else {
+				snprintf(midway_result, sizeof(midway_result), "%.40s", line + 7);
+				if (strcmp(midway_result, peers[0].result) != 0) {
+					fail("template RESULT %s != children's %s (midway)",
+					     midway_result, peers[0].result);
+					ok = 0;
+				}
+			}
+		}
+		if (ok && transact(&tp, "PING\n", "PONG ", line, sizeof(line)) < 0)
 			ok = 0;
 		else
 			snprintf(tmpl_pong, sizeof(tmpl_pong), "%.40s", line + 5);
@@ -612,6 +656,9 @@ static int cmd_fork(const struct opts *o)
 	printf("children: %d x %d iteration(s), PONG %s, RESULT(COMP %x) %s, max child fds %d\n",
 	       n, o->iters, peers[0].pong, o->comp, results[0], max_fds);
 	printf("template after resume: PONG %s RESULT %s\n", tmpl_pong, tmpl_result);
+	if (o->midway)
+		printf("midway COMP %x: children RESULT %s, template RESULT %s\n", o->midway,
+		       peers[0].result, midway_result);
 	stats("fork -> PONG", lat_fork, nlat);
 	stats("open(/dev/kvm) -> PONG", lat_open, nlat);
 	stats("  create VM+vCPU", lat_create, nlat);
@@ -655,10 +702,13 @@ int main(int argc, char **argv)
 		else if (!strcmp(a, "--iters") && i + 1 < argc)
 			o.iters = atoi(argv[++i]);
 		else if (!strcmp(a, "--comp") && i + 1 < argc)
-			o.comp = (unsigned)strtoul(argv[++i], NULL, 0);
+			o.comp = (unsigned)strtoul(argv[++i], NULL, 16);
 		else if (!strcmp(a, "--eof-grace") && i + 1 < argc)
 			o.eof_grace_ms = atoi(argv[++i]);
-		else if (!strcmp(a, "--restore"))
+		else if (!strcmp(a, "--midway") && i + 2 < argc) {
+			o.midway = (unsigned)strtoul(argv[++i], NULL, 16);
+			o.midway_ms = atoi(argv[++i]);
+		} else if (!strcmp(a, "--restore"))
 			o.restore = 1;
 		else if (!strcmp(a, "--avx"))
 			g_allow_avx = 1;
