@@ -525,9 +525,10 @@ def validate_map(a: MapArrays, label: str = SECTION) -> list[Finding]:
     """Every semantic rule of the inode map, vectorised.  Returns findings."""
     e = a.entries
     ne = len(e)
-    nid = e["nodeid"]
-    par = e["parent"]
-    ft = e["file_type"]
+    # contiguous copies of the hot columns (strided structured-field access is slow)
+    nid = np.ascontiguousarray(e["nodeid"])
+    par = np.ascontiguousarray(e["parent"])
+    ft = np.ascontiguousarray(e["file_type"])
     index = MapIndex(nid)
     r = _Reporter(label, a, index)
     hdr = a.header
@@ -595,7 +596,7 @@ def validate_map(a: MapArrays, label: str = SECTION) -> list[Finding]:
             _report_cycles(r, a, looped, pidx, linked)
 
     # --- names --------------------------------------------------------------
-    lens = e["name_len"]
+    lens = np.ascontiguousarray(e["name_len"])
     total = int(lens.sum(dtype=np.int64)) if ne else 0
     S = a.strtab[:total]
     ends = e["name_off"].astype(np.int64) + lens

@@ -369,3 +369,12 @@ def test_checks_never_crash_on_mutated_devices(flips):
     snap.replace("virtio.mmio", 0, data=bytes(raw))
     for f in snapfmt.validate(snap):          # decode problems become findings, never raise
         assert f.severity in ("error", "warning", "info")
+
+
+def test_golden_regenerates_identically():
+    import subprocess
+    import sys
+    from conftest import ROOT
+    p = subprocess.run([sys.executable, "tools/make_golden_devices.py", "--check"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
