@@ -160,10 +160,9 @@ static int probe_msrs(struct vm *vm)
 	if (msr_list(vm->kvm_fd, KVM_GET_MSR_FEATURE_INDEX_LIST, &feat, &nfeat) < 0)
 		nfeat = 0; /* optional */
 
-	struct {
-		struct kvm_msrs h;
-		struct kvm_msr_entry e[1];
-	} one;
+	/* one-entry struct kvm_msrs (flexible array) in an aligned buffer */
+	uint64_t onebuf[(sizeof(struct kvm_msrs) + sizeof(struct kvm_msr_entry) + 7) / 8];
+	struct kvm_msrs *one = (struct kvm_msrs *)onebuf;
 	vm->nmsr_idx = 0;
 	for (uint32_t i = 0; i < nidx && vm->nmsr_idx < SNAP_MAX_MSRS; i++) {
 		int is_feat = idx[i] == 0x10a;
@@ -171,10 +170,10 @@ static int probe_msrs(struct vm *vm)
 			is_feat = feat[j] == idx[i];
 		if (is_feat)
 			continue;
-		memset(&one, 0, sizeof(one));
-		one.h.nmsrs = 1;
-		one.e[0].index = idx[i];
-		if (ioctl(vm->vcpu_fd, KVM_GET_MSRS, &one) != 1)
+		memset(onebuf, 0, sizeof(onebuf));
+		one->nmsrs = 1;
+		one->entries[0].index = idx[i];
+		if (ioctl(vm->vcpu_fd, KVM_GET_MSRS, one) != 1)
 			continue;
 		vm->msr_idx[vm->nmsr_idx++] = idx[i];
 	}
