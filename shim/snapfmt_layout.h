@@ -132,6 +132,7 @@ enum snapfmt_error {
 #define SNAPFMT_SEC_ARM64_GIC_BLOB 0x0282u /* arm64.gic_blob */
 #define SNAPFMT_SEC_VIRTIO_MMIO 0x0300u /* virtio.mmio */
 #define SNAPFMT_SEC_VIRTIOFS_INODE_MAP 0x0301u /* virtiofs.inode_map */
+#define SNAPFMT_SEC_UART_8250 0x0302u /* uart.8250 */
 #define SNAPFMT_SEC_PARENT_REF 0x0400u /* parent_ref */
 
 /* Length shapes, as the reader checks them at open (rule 20; same policy as
@@ -178,6 +179,7 @@ enum snapfmt_error {
 	X(ARM64_GIC_BLOB, 0x0282u, "arm64.gic_blob", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_LINEAR, 0u, 8u, 4u, 4u, 16u, 0u, 4u, 1u, 16384u) \
 	X(VIRTIO_MMIO, 0x0300u, "virtio.mmio", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_OPAQUE, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
 	X(VIRTIOFS_INODE_MAP, 0x0301u, "virtiofs.inode_map", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_OPAQUE, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
+	X(UART_8250, 0x0302u, "uart.8250", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 80u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
 	X(PARENT_REF, 0x0400u, "parent_ref", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_OPAQUE, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
 
 /* --- on-disk structs (all integers little-endian) --- */
