@@ -87,7 +87,8 @@ class Section:
     @property
     def data(self) -> memoryview:
         if self._data is None:
-            self._data = self.snapshot._buf[self.offset:self.offset + self.length]
+            # a memoryview slice of the mmap: zero-copy (slicing the mmap itself copies)
+            self._data = memoryview(self.snapshot._buf)[self.offset:self.offset + self.length]
         return memoryview(self._data)
 
     @property
@@ -387,7 +388,11 @@ class Snapshot:
 
     def close(self) -> None:
         for s in self.sections:
-            if s._data is not None and self._buf is not None and not isinstance(s._data, bytes):
+            if isinstance(s._data, memoryview) and self._buf is not None:
+                try:
+                    s._data.release()
+                except BufferError:
+                    pass      # exported to a numpy view that is still alive
                 s._data = None
         if self._mmap is not None:
             try:

@@ -39,11 +39,11 @@ def validate(snap, *, deep: bool = True) -> list[Finding]:
                                f"ancillary section of unknown type 0x{s.type_id:08x} "
                                f"({s.length} bytes) skipped; tools preserve it"))
             continue
-        if s.label in bad_labels or not s.kind.needs_decode_check:
-            continue
         if s.kind.arch is not None and s.kind.arch != snap.arch:
             out.append(Finding("wrong-arch", ERROR, s.label,
                                f"{s.kind.arch} section in a {snap.arch} snapshot"))
+            continue
+        if s.label in bad_labels or not s.kind.needs_decode_check:
             continue
         try:
             s.fields
