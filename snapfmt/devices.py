@@ -465,6 +465,69 @@ def _region_of(regions, gpa: int, length: int):
     return None
 
 
+VRING_DESC_F_NEXT = 1
+VRING_DESC_F_WRITE = 2
+VRING_DESC_F_INDIRECT = 4
+_DESC = np.dtype([("addr", "<u8"), ("len", "<u4"), ("flags", "<u2"), ("next", "<u2")])
+
+
+def _desc_table(snap, gpa: int, n: int):
+    try:
+        return snap.guest_ram(gpa, n * 16).view(_DESC)
+    except FormatError:
+        return None
+
+
+def _chain_device_writable(snap, table, head: int, limit: int) -> bool:
+    """True when every descriptor of the chain at ``head`` is device-writable.
+
+    Indirect tables are followed one level (the spec forbids nesting); loops are
+    bounded by the table size, so a hostile ring cannot make this spin.
+    """
+    i, seen = head, 0
+    while True:
+        if i >= len(table) or seen > limit:
+            return False
+        d = table[i]
+        flags = int(d["flags"])
+        if flags & VRING_DESC_F_INDIRECT:
+            ln = int(d["len"])
+            if ln % 16 or ln == 0:
+                return False
+            ind = _desc_table(snap, int(d["addr"]), ln // 16)
+            if ind is None or not all(int(x) & VRING_DESC_F_WRITE for x in ind["flags"]):
+                return False
+        elif not flags & VRING_DESC_F_WRITE:
+            return False
+        if not flags & VRING_DESC_F_NEXT:
+            return True
+        i = int(d["next"])
+        seen += 1
+
+
+def _posted_receive_buffers(snap, q, next_avail: int, pending: int, size: int) -> bool:
+    """Are the ``pending`` published-but-untaken avail entries all empty receive buffers?
+
+    A driver keeps receive queues (net rx, vsock rx/event, console rx) stocked
+    with device-writable buffers even when idle; those are not I/O in flight:
+    nothing was submitted to the device, a restored device fills them later.
+    A pending chain with any device-readable buffer is a request (tx, block,
+    fs) that every child would process again, so it is in flight.
+    """
+    table = _desc_table(snap, q["desc_addr"], size)
+    if table is None:
+        return False
+    try:
+        ring = snap.guest_ram(q["avail_addr"] + 4, 2 * size).view("<u2")
+    except FormatError:
+        return False
+    for k in range(pending):
+        head = int(ring[(next_avail + k) % size])
+        if not _chain_device_writable(snap, table, head, size):
+            return False
+    return True
+
+
 def _u16_at(snap, gpa: int) -> int | None:
     """The little-endian u16 at guest address ``gpa`` (numpy view of the mmap, no copy)."""
     try:
@@ -604,11 +667,13 @@ def _check_queue(snap, sec, f, qi, q, regions, template, event_idx, features_ok)
                       f"device {sec.instance} ({dname}) queue {qi}: used.idx {used_idx} is "
                       f"{inflight} behind next_avail {na}, more than the queue size {size}")
         return
-    if template and (pending or avail_idx != na or used_idx != nu or na != nu):
+    posted = bool(pending) and _posted_receive_buffers(snap, q, na, pending, size)
+    if template and ((pending and not posted) or used_idx != nu or na != nu):
         parts = []
-        if pending:
+        if pending and not posted:
             parts.append(f"{pending} request(s) published but not taken "
-                         f"(avail.idx {avail_idx} != next_avail {na})")
+                         f"(avail.idx {avail_idx} != next_avail {na}) with device-readable "
+                         f"buffers: every child would process them again")
         if used_idx != nu:
             parts.append(f"used.idx {used_idx} != next_used {nu}")
         if (na - nu) & 0xFFFF:
@@ -621,6 +686,11 @@ def _check_queue(snap, sec, f, qi, q, regions, template, event_idx, features_ok)
         yield Finding("virtio-inflight", ERROR, f"{loc}.num_added",
                       f"in-flight I/O at snapshot: device {sec.instance} ({dname}) queue {qi}: "
                       f"{q['num_added']} used entries added but the guest not yet notified")
+    elif template and posted:
+        yield Finding("virtio-posted-buffers", INFO, loc,
+                      f"device {sec.instance} ({dname}) queue {qi}: {pending} empty receive "
+                      f"buffer(s) posted by the guest (all descriptors device-writable, not yet "
+                      f"taken): not I/O in flight, children fill them after restore")
 
 
 def _check_device_placement(devs, regions):

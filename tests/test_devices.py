@@ -378,3 +378,40 @@ def test_golden_regenerates_identically():
     p = subprocess.run([sys.executable, "tools/make_golden_devices.py", "--check"], cwd=ROOT,
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
+
+
+def _post(snap, dev, qi, buffers_writable):
+    """Guest posts 2 one-descriptor buffers (free descriptors 14, 15) the device has not taken."""
+    q = snap.find("virtio.mmio", dev).fields["queues"][qi]
+    na, size = q["next_avail"], q["size"]
+    flags = 2 if buffers_writable else 0                   # VRING_DESC_F_WRITE
+    for k, d in enumerate((14, 15)):
+        poke_ram(snap, q["desc_addr"] + 16 * d, "<QIHH", 0x80000 + 0x1000 * k, 0x1000, flags, 0)
+        poke_ram(snap, q["avail_addr"] + 4 + 2 * ((na + k) % size), "<H", d)
+    poke_ram(snap, q["avail_addr"] + 2, "<H", (na + 2) & 0xFFFF)
+    return q
+
+
+def test_posted_receive_buffers_are_not_in_flight():
+    """An idle rx queue keeps empty device-writable buffers posted: allowed in a template."""
+    snap = golden()
+    _post(snap, 0, 0, buffers_writable=True)
+    assert not findings(snap, "virtio-inflight")
+    info = findings(snap, "virtio-posted-buffers")
+    assert len(info) == 1 and info[0].severity == "info"
+    assert "2 empty receive buffer(s)" in info[0].message
+
+
+def test_posted_request_with_readable_buffer_is_in_flight():
+    snap = golden()
+    _post(snap, 0, 0, buffers_writable=False)
+    got = findings(snap, "virtio-inflight")
+    assert len(got) == 1 and "device-readable" in got[0].message
+
+
+def test_posted_chain_with_descriptor_loop_is_in_flight_not_a_hang():
+    snap = golden()
+    q = _post(snap, 0, 0, buffers_writable=True)
+    poke_ram(snap, q["desc_addr"] + 16 * 14, "<QIHH", 0x80000, 0x1000, 2 | 1, 14)  # NEXT -> itself
+    got = findings(snap, "virtio-inflight")
+    assert len(got) == 1
