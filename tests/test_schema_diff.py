@@ -90,7 +90,8 @@ def test_incompatible_changes(frozen, mangle, expect):
 
 def test_additions_are_compatible(frozen):
     new = copy.deepcopy(frozen)
-    new["sections"].append({"name": "uart.8250", "type_id": 0x0302, "version": 1,
+    free = max(k["type_id"] for k in new["sections"] if k["type_id"] < 0x0400) + 1
+    new["sections"].append({"name": "test.new_device", "type_id": free, "version": 1,
                             "scope": "device", "arch": None, "critical": True, "bulk": False,
                             "size": 16, "kernel_struct": None, "ioctl": None, "doc": "x",
                             "fields": []})
