@@ -15,6 +15,10 @@
  *   restore, VM:     PIT2, CLOCK (flags cleared), PIC master, slave, IOAPIC
  *   (the VMM restores the VM state after all vCPUs)
  *
+ * snapfmt_kvm_restore_ram() refuses (SNAPFMT_ERR_CHANGED) a reader that was
+ * not opened with snapfmt_kvm_open(): only then does the shim hold the
+ * file's identity to re-check before mapping it into a child.
+ *
  * Pausing: a vCPU that exited for port I/O must be re-entered once with
  * kvm_run->immediate_exit = 1 before its state is read, or the IN/OUT is left
  * half done -- snapfmt_kvm_pause_vcpu() does that.
@@ -91,6 +95,41 @@ int snapfmt_kvm_restore_vm(const struct snapfmt_reader *r, int vm_fd);
 
 /* Name of the last ioctl that failed in this thread ("KVM_SET_SREGS"), or "". */
 const char *snapfmt_kvm_last_ioctl(void);
+
+/* ---- additions (issue 4) ----------------------------------------------------
+ * One-line description of the last failure in this thread, naming the ioctl,
+ * section and vCPU ("vCPU 0: KVM_SET_MSRS wrote 3 of 40 entries, rejected MSR
+ * 0x6e0"), or "". */
+const char *snapfmt_kvm_last_error(void);
+/* Non-fatal findings of the last restore in this thread (e.g. "TSC 2100000 kHz
+ * in the snapshot, 2400000 kHz here, KVM_CAP_TSC_CONTROL unavailable: guest
+ * time runs at the host rate"), or "". */
+const char *snapfmt_kvm_last_note(void);
+
+/* Write the ANCILLARY metadata section: now (CLOCK_REALTIME ns) as
+ * created_unix_ns, producer/version, uname release, CPUID vendor/brand, then
+ * nkv key/value pairs (kv[2i] = key, kv[2i+1] = value).  The created time is
+ * what snapfmt_kvm_seal() later sets as the file's mtime.  *created_ns may be
+ * NULL. */
+int snapfmt_kvm_save_metadata(struct snapfmt_writer *w, const char *producer,
+			      const char *producer_version, const char *const *kv, uint32_t nkv,
+			      uint64_t *created_ns);
+
+/* After snapfmt_writer_commit(): make the snapshot file immutable for the
+ * restore-time check -- chmod 0444 and set its mtime to the metadata's
+ * created_unix_ns (the "seal" recorded in the file). */
+int snapfmt_kvm_seal(const char *path);
+
+/* Open a snapshot for restore: snapfmt_open_diag() of exactly the inode
+ * opened here (no path race) plus the immutability check below; keeps an fd
+ * and the identity (dev, ino, size, mtime, ctime) seen at open so that
+ * snapfmt_kvm_restore_ram() can re-check it for every child.  Close with
+ * snapfmt_kvm_close().  SNAPFMT_ERR_CHANGED: writable by anyone (mode &
+ * 0222), or mtime != the sealed created_unix_ns of the metadata section
+ * (modified in place after the snapshot, or a copy not re-sealed). */
+int snapfmt_kvm_open(const char *path, unsigned flags, struct snapfmt_reader **out,
+		     struct snapfmt_diag *diag);
+void snapfmt_kvm_close(struct snapfmt_reader *r);
 
 #ifdef __cplusplus
 }
