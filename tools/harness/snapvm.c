@@ -22,10 +22,26 @@
  *                  must print the same RESULT
  *   --eof-grace MS run: after stdin EOF keep running MS ms (default 1000)
  *   --avx          let the guest use AVX/YMM (breaks under kvm_pvm: off by default)
+ *
+ * snapshot files (through the snapfmt shim, shim/snapfmt_kvm.h):
+ *   snapvm snapshot guest.bin OUT.snap   boot to READY (optionally --midway
+ *                                  into a COMP), pause, write state + UART +
+ *                                  RAM, commit, seal (mode 0444, mtime)
+ *   snapvm restore SNAP            one child; serial on stdin/stdout; exit 2
+ *                                  when the snapshot is refused
+ *   snapvm fork N SNAP             N children from the file concurrently,
+ *                                  checked (PONG, private WRITE, COMP,
+ *                                  witness child), latency figures
+ *   snapvm verify-restore SNAP OUT restore, then read all state back to OUT
+ *   snapvm floor N SNAP            KVM floor: CREATE_VM + CREATE_VCPU +
+ *                                  map + SET_USER_MEMORY_REGION alone
+ *   snapvm seal SNAP               chmod 0444 + mtime = metadata created
  *   -v             verbose
  */
 #define _GNU_SOURCE
 #include "vm.h"
+
+#include "snapfmt_kvm.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -35,8 +51,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -52,13 +70,22 @@ struct opts {
 	unsigned midway;   /* fork: snapshot in the middle of COMP <midway> */
 	int midway_ms;
 	const char *image;
+	const char *snap;      /* snapshot file (snapshot/restore/fork SNAP/floor) */
+	const char *out;       /* verify-restore: where to write the re-read state */
+	int no_seal;           /* snapshot: leave the file writable (tests) */
 };
 
 static void usage(void)
 {
 	fprintf(stderr,
 		"usage: snapvm run [--restore] [--mem MiB] [--timeout S] [--eof-grace MS] [-v] guest.bin\n"
-		"       snapvm fork N [--iters K] [--comp N] [--midway N MS] [--mem MiB] [--timeout S] [-v] guest.bin\n");
+		"       snapvm snapshot [--mem MiB] [--midway N MS] [--no-seal] guest.bin OUT.snap\n"
+		"       snapvm restore [--timeout S] [--eof-grace MS] SNAP\n"
+		"       snapvm fork N [--iters K] [--comp N] [--timeout S] SNAP\n"
+		"       snapvm verify-restore SNAP OUT.snap\n"
+		"       snapvm floor N SNAP\n"
+		"       snapvm seal SNAP\n"
+		"       snapvm fork N [--iters K] [--comp N] [--midway N MS] [--mem MiB] guest.bin  (in-memory)\n");
 	exit(2);
 }
 
@@ -119,7 +146,7 @@ static int boot_template(struct vm *vm, const struct opts *o, int in_fd, int out
 }
 
 struct restore_times {
-	uint64_t t_open, create_ns, mem_ns, restore_ns;
+	uint64_t t_open, check_ns, create_ns, mem_ns, restore_ns;
 };
 
 /* Restore snapshot st into a fresh VM whose RAM is a MAP_PRIVATE view of
@@ -244,7 +271,17 @@ static int fill(struct peer *p, int timeout_ms)
 /* Handle harness meta lines ("#T ..."); returns 1 if line was meta. */
 static int meta_line(struct peer *p, const char *line)
 {
-	unsigned long long a, b, c, d;
+	unsigned long long a, b, c, d, e;
+	if (sscanf(line, "#T open=%llu check=%llu create=%llu mem=%llu restore=%llu", &a, &e, &b,
+		   &c, &d) == 5) {
+		p->rt.t_open = a;
+		p->rt.check_ns = e;
+		p->rt.create_ns = b;
+		p->rt.mem_ns = c;
+		p->rt.restore_ns = d;
+		p->got_times = 1;
+		return 1;
+	}
 	if (sscanf(line, "#T open=%llu create=%llu mem=%llu restore=%llu", &a, &b, &c, &d) == 4) {
 		p->rt.t_open = a;
 		p->rt.create_ns = b;
@@ -675,22 +712,589 @@ static int cmd_fork(const struct opts *o)
 	return ok ? 0 : 1;
 }
 
+/* ================================================================ snapfmt */
+/*
+ * Snapshot files through the shim -- exactly the calls the libkrun patches
+ * make.  save: snapfmt_writer_create, snapfmt_kvm_save_metadata,
+ * snapfmt_kvm_msr_list, snapfmt_kvm_pause_vcpu + snapfmt_kvm_save_vcpu,
+ * snapfmt_kvm_save_vm, device sections (uart.8250), snapfmt_kvm_save_ram,
+ * snapfmt_writer_commit, snapfmt_kvm_seal.  restore: snapfmt_kvm_open,
+ * snapfmt_kvm_restore_ram, snapfmt_kvm_restore_vcpu, snapfmt_kvm_restore_vm,
+ * device sections, snapfmt_kvm_close.
+ */
+_Static_assert(sizeof(struct uart_state) == 80, "uart.8250 section is struct uart_state v1");
+
+static int shim_fail(const char *what, int err)
+{
+	const char *m = snapfmt_kvm_last_error();
+	return fail("%s: %s%s%s", what, snapfmt_strerror(err), *m ? ": " : "", m);
+}
+
+struct save_stats {
+	uint64_t state_ns, ram_ns, commit_ns, total_ns;
+	uint32_t nmsrs;
+};
+
+/* Save a paused VM into path (no RAM when with_ram = 0: verify-restore). */
+static int snap_save(struct vm *vm, const char *path, int with_ram, int seal, struct save_stats *ss)
+{
+	struct snapfmt_writer *w = NULL;
+	uint32_t msrs[SNAPFMT_KVM_MAX_MSRS], n = 0;
+	char mib[32];
+	int err;
+
+	memset(ss, 0, sizeof(*ss));
+	uint64_t t0 = now_ns();
+	snprintf(mib, sizeof(mib), "%zu", vm->ram.size >> 20);
+	const char *kv[] = {"vcpus", "1", "memory_mib", mib, "guest", "snapfmt test guest (tools/guest)"};
+	if ((err = snapfmt_writer_create(path, SNAPFMT_ARCH_X86_64, 4096, SNAPFMT_HDR_F_TEMPLATE, &w)))
+		return fail("snapfmt_writer_create %s: %s (%s)", path, snapfmt_strerror(err),
+			    strerror(errno));
+	if ((err = snapfmt_kvm_save_metadata(w, "snapvm", "2", kv, 3, NULL)) ||
+	    (err = snapfmt_kvm_msr_list(vm->kvm_fd, msrs, SNAPFMT_KVM_MAX_MSRS, &n)) ||
+	    (err = snapfmt_kvm_pause_vcpu(vm->vcpu_fd, vm->run)) ||
+	    (err = snapfmt_kvm_save_vcpu(w, vm->vcpu_fd, 0, msrs, n)) ||
+	    (err = snapfmt_kvm_save_vm(w, vm->vm_fd))) {
+		shim_fail("save", err);
+		snapfmt_writer_abort(w);
+		return -1;
+	}
+	struct uart_state us;
+	uart_get_state(&vm->uart, &us);
+	if ((err = snapfmt_writer_add(w, SNAPFMT_SEC_UART_8250, 0, SNAPFMT_SEC_F_CRITICAL,
+				      UART_STATE_VERSION, &us, sizeof(us)))) {
+		fail("save uart.8250: %s", snapfmt_strerror(err));
+		snapfmt_writer_abort(w);
+		return -1;
+	}
+	uint64_t t1 = now_ns();
+	if (with_ram) {
+		struct snapfmt_kvm_ram reg = {.gpa = 0, .size = vm->ram.size};
+		uint64_t off = 0;
+		if ((err = snapfmt_kvm_save_ram(w, vm->ram.fd, &off, &reg, 1))) {
+			shim_fail("save RAM", err);
+			snapfmt_writer_abort(w);
+			return -1;
+		}
+	}
+	uint64_t t2 = now_ns();
+	if ((err = snapfmt_writer_commit(w)))
+		return fail("snapfmt_writer_commit %s: %s (%s)", path, snapfmt_strerror(err),
+			    strerror(errno));
+	if (seal && (err = snapfmt_kvm_seal(path)))
+		return shim_fail("seal", err);
+	uint64_t t3 = now_ns();
+	ss->state_ns = t1 - t0;
+	ss->ram_ns = t2 - t1;
+	ss->commit_ns = t3 - t2;
+	ss->total_ns = t3 - t0;
+	ss->nmsrs = n;
+	return 0;
+}
+
+/* Restore path into a fresh VM.  Returns 0, or 2 when the snapshot was
+   refused (nothing started), or -1 on other failures. */
+static int snap_restore(struct vm *vm, const char *path, int verbose, struct restore_times *t)
+{
+	struct snapfmt_reader *r = NULL;
+	struct snapfmt_diag d;
+	struct snapfmt_section s;
+	struct snapfmt_kvm_ram regs[8];
+	uint32_t nreg = 0;
+	int err;
+
+	vm_init_struct(vm, verbose);
+	vm->for_restore = 1;
+	t->t_open = now_ns();
+	if ((err = snapfmt_kvm_open(path, 0, &r, &d))) {
+		shim_fail("restore refused", err);
+		return 2;
+	}
+	uint64_t t1 = now_ns();
+	if (vm_create(vm) < 0)
+		goto fail;
+	uint64_t t2 = now_ns();
+	if ((err = snapfmt_kvm_restore_ram(r, vm->vm_fd, 0, regs, 8, &nreg))) {
+		shim_fail("restore RAM", err);
+		snapfmt_kvm_close(r);
+		return err == SNAPFMT_ERR_CHANGED ? 2 : -1;
+	}
+	if (nreg != 1 || regs[0].gpa != 0) {
+		for (uint32_t i = 0; i < nreg; i++)
+			munmap(regs[i].host, regs[i].size);
+		fail("snapshot has %u RAM regions; snapvm supports one at GPA 0", nreg);
+		goto fail;
+	}
+	vm->ram.host = regs[0].host;
+	vm->ram.size = regs[0].size;
+	vm->ram.fd = -1;
+	vm->ram.is_private = 1;
+	uint64_t t3 = now_ns();
+	/* spec 6.2: every vCPU, then the VM state */
+	if ((err = snapfmt_kvm_restore_vcpu(r, vm->vcpu_fd, 0))) {
+		shim_fail("restore vCPU 0", err);
+		goto fail;
+	}
+	if ((err = snapfmt_kvm_restore_vm(r, vm->vm_fd))) {
+		shim_fail("restore VM", err);
+		goto fail;
+	}
+	if (snapfmt_find(r, SNAPFMT_SEC_UART_8250, 0, &s) || s.length != sizeof(struct uart_state) ||
+	    s.version != UART_STATE_VERSION) {
+		fail("snapshot has no uart.8250 v%d section of %zu bytes", UART_STATE_VERSION,
+		     sizeof(struct uart_state));
+		goto fail;
+	}
+	struct uart_state us;
+	memcpy(&us, s.data, sizeof(us));
+	uart_set_state(&vm->uart, &us);
+	const char *note = snapfmt_kvm_last_note();
+	if (*note && verbose)
+		fprintf(stderr, "snapvm: note: %s\n", note);
+	snapfmt_kvm_close(r);
+	uint64_t t4 = now_ns();
+	t->check_ns = t1 - t->t_open;
+	t->create_ns = t2 - t1;
+	t->mem_ns = t3 - t2;
+	t->restore_ns = t4 - t3;
+	return 0;
+fail:
+	snapfmt_kvm_close(r);
+	return -1;
+}
+
+/* Serve the VM's serial on stdin/stdout until it stops or stdin ends. */
+static int serve_stdio(struct vm *vm, const struct opts *o)
+{
+	vm->uart.out_fd = STDOUT_FILENO;
+	vm->in_fd = STDIN_FILENO;
+	if (vm_start(vm) < 0)
+		return 1;
+	uint64_t eof_at = 0;
+	for (;;) {
+		if (atomic_load(&vm->exited))
+			break;
+		if (atomic_load(&vm->in_eof)) {
+			if (!eof_at)
+				eof_at = now_ns();
+			else if (now_ns() - eof_at > (uint64_t)o->eof_grace_ms * 1000000ULL)
+				break;
+		}
+		usleep(5000);
+	}
+	int failed = atomic_load(&vm->failed);
+	if (vm_pause(vm) < 0)
+		failed = 1;
+	return failed ? 1 : 0;
+}
+
+/* ---- snapvm snapshot guest.bin OUT.snap */
+static int cmd_snapshot(const struct opts *o)
+{
+	struct vm tmpl;
+	int tsv[2];
+	char line[256], pong[64] = "";
+
+	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, tsv) < 0)
+		return fail("socketpair: %s", strerror(errno)), 1;
+	struct peer tp = {.pid = getpid(), .sock = tsv[0]};
+	if (boot_template(&tmpl, o, tsv[1], tsv[1]) < 0)
+		return 1;
+	do {
+		if (read_line(&tp, line, sizeof(line), 1000) < 0)
+			return fail("template: no READY line"), 1;
+	} while (strcmp(line, "READY") != 0);
+	/* heartbeat of the template: children must answer the same */
+	if (vm_start(&tmpl) < 0 || transact(&tp, "PING\n", "PONG ", line, sizeof(line)) < 0)
+		return 1;
+	snprintf(pong, sizeof(pong), "%.40s", line + 5);
+	if (o->midway) {
+		char cmd[32];
+		snprintf(cmd, sizeof(cmd), "COMP %x\n", o->midway);
+		if (send_cmd(&tp, cmd) < 0)
+			return 1;
+		usleep((useconds_t)o->midway_ms * 1000);
+	}
+	if (vm_pause(&tmpl) < 0)
+		return fail("template: pause failed"), 1;
+	if (o->midway && fill(&tp, 0) > 0 && memchr(tp.buf, '\n', tp.len))
+		return fail("template finished COMP before the snapshot (%.*s); raise --midway",
+			    (int)tp.len, tp.buf), 1;
+	struct save_stats ss;
+	if (snap_save(&tmpl, o->snap, 1, !o->no_seal, &ss) < 0) {
+		vm_destroy(&tmpl);
+		return 1;
+	}
+	struct stat st;
+	if (stat(o->snap, &st) < 0)
+		return fail("stat %s: %s", o->snap, strerror(errno)), 1;
+	/* RAM the guest touched: non-zero pages of the memfd */
+	size_t used = 0;
+	for (size_t off = 0; off < tmpl.ram.size; off += 4096) {
+		const uint64_t *q = (const uint64_t *)(tmpl.ram.host + off);
+		for (int i = 0; i < 512; i++)
+			if (q[i]) {
+				used += 4096;
+				break;
+			}
+	}
+	printf("template: PONG %s\n", pong);
+	if (o->midway)
+		printf("template: paused %d ms into COMP %x\n", o->midway_ms, o->midway);
+	printf("snapshot: %s  file %lld bytes, on disk %lld bytes, guest RAM %zu MiB, non-zero %zu bytes\n",
+	       o->snap, (long long)st.st_size, (long long)st.st_blocks * 512, tmpl.ram.size >> 20, used);
+	printf("snapshot: write %.3f ms (state %.3f ms, %u MSRs; RAM %.3f ms; commit+seal %.3f ms)\n",
+	       ss.total_ns / 1e6, ss.state_ns / 1e6, ss.nmsrs, ss.ram_ns / 1e6, ss.commit_ns / 1e6);
+	vm_destroy(&tmpl);
+	close(tsv[0]);
+	close(tsv[1]);
+	return 0;
+}
+
+/* ---- snapvm restore SNAP: one child, serial on stdio */
+static int cmd_restore(const struct opts *o)
+{
+	struct vm vm;
+	struct restore_times t;
+	int r = snap_restore(&vm, o->snap, o->verbose, &t);
+	if (r) {
+		vm_destroy(&vm);
+		return 2;
+	}
+	fprintf(stderr, "snapvm: restored %s: open+check %.3f ms, create %.3f ms, memory %.3f ms, "
+		"state %.3f ms\n", o->snap, t.check_ns / 1e6, t.create_ns / 1e6, t.mem_ns / 1e6,
+		t.restore_ns / 1e6);
+	r = serve_stdio(&vm, o);
+	vm_destroy(&vm);
+	return r;
+}
+
+/* ---- snapvm verify-restore SNAP OUT: restore, then read every KVM state
+   back (same shim save path, no RAM) into OUT for a section-by-section
+   comparison; the vCPU never runs in between. */
+static int cmd_verify_restore(const struct opts *o)
+{
+	struct vm vm;
+	struct restore_times t;
+	struct save_stats ss;
+	int r = snap_restore(&vm, o->snap, o->verbose, &t);
+	if (r) {
+		vm_destroy(&vm);
+		return 2;
+	}
+	r = snap_save(&vm, o->out, 0, 0, &ss) < 0 ? 1 : 0;
+	vm_destroy(&vm);
+	if (!r)
+		printf("verify-restore: %s restored and read back into %s\n", o->snap, o->out);
+	return r;
+}
+
+/* Child of `fork N SNAP`: open + restore the snapshot file itself, serve
+   the serial on sock.  Never returns. */
+static void file_child(const struct opts *o, int sock)
+{
+	int keep[1] = {sock};
+	close_fds_except(keep, 1);
+	if (o->timeout_s)
+		alarm((unsigned)o->timeout_s);
+	struct vm vm;
+	struct restore_times t;
+	int r = snap_restore(&vm, o->snap, o->verbose, &t);
+	if (r) {
+		dprintf(sock, "#ERR restore failed\n");
+		_exit(r == 2 ? 2 : 3);
+	}
+	dprintf(sock, "#T open=%llu check=%llu create=%llu mem=%llu restore=%llu\n",
+		(unsigned long long)t.t_open, (unsigned long long)t.check_ns,
+		(unsigned long long)t.create_ns, (unsigned long long)t.mem_ns,
+		(unsigned long long)t.restore_ns);
+	dprintf(sock, "#FDS %d\n", count_open_fds());
+	vm.uart.out_fd = sock;
+	vm.in_fd = sock;
+	if (vm_start(&vm) < 0)
+		_exit(4);
+	while (!atomic_load(&vm.exited) && !atomic_load(&vm.in_eof))
+		usleep(2000);
+	int rc = atomic_load(&vm.failed) ? 5 : 0;
+	vm_pause(&vm);
+	vm_destroy(&vm);
+	close(sock);
+	_exit(rc);
+}
+
+static int spawn_file_child(const struct opts *o, struct peer *p)
+{
+	int sv[2];
+	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
+		return fail("socketpair: %s", strerror(errno));
+	memset(p, 0, sizeof(*p));
+	p->t_fork = now_ns();
+	pid_t pid = fork();
+	if (pid < 0)
+		return fail("fork: %s", strerror(errno));
+	if (pid == 0)
+		file_child(o, sv[1]);
+	close(sv[1]);
+	p->pid = pid;
+	p->sock = sv[0];
+	return send_cmd(p, "PING\n");
+}
+
+/* ---- snapvm fork N SNAP: N children from one snapshot file, concurrently */
+static int cmd_fork_file(const struct opts *o)
+{
+	int n = o->nchildren, total = n * o->iters, ok = 1, nlat = 0, max_fds = 0;
+	char line[256];
+	uint64_t *lat[7];
+	for (int k = 0; k < 7; k++)
+		if (!(lat[k] = calloc((size_t)total, 8)))
+			return fail("out of memory"), 1;
+	struct peer *peers = calloc((size_t)n, sizeof(*peers));
+	char (*results)[64] = calloc((size_t)n, 64);
+	struct pollfd *pf = calloc((size_t)n, sizeof(*pf));
+	if (!peers || !results || !pf)
+		return fail("out of memory"), 1;
+
+	for (int it = 0; it < o->iters && ok; it++) {
+		for (int i = 0; i < n; i++)
+			if (spawn_file_child(o, &peers[i]) < 0)
+				return 1;
+		int pending = n;
+		uint64_t deadline = now_ns() + 30000000000ULL;
+		while (pending && now_ns() < deadline) {
+			for (int i = 0; i < n; i++) {
+				pf[i].fd = peers[i].pong[0] ? -1 : peers[i].sock;
+				pf[i].events = POLLIN;
+				pf[i].revents = 0;
+			}
+			if (poll(pf, (nfds_t)n, 100) < 0 && errno != EINTR)
+				break;
+			for (int i = 0; i < n; i++) {
+				if (!(pf[i].revents & (POLLIN | POLLHUP)))
+					continue;
+				struct peer *p = &peers[i];
+				ssize_t r = read(p->sock, p->buf + p->len, sizeof(p->buf) - 1 - p->len);
+				uint64_t t = now_ns();
+				if (r <= 0) {
+					fail("child %d closed before PONG", (int)p->pid);
+					snprintf(p->pong, sizeof(p->pong), "(dead)");
+					pending--;
+					continue;
+				}
+				p->len += (size_t)r;
+				while (!p->pong[0] && take_line(p, line, sizeof(line))) {
+					int fds;
+					if (sscanf(line, "#FDS %d", &fds) == 1) {
+						max_fds = fds > max_fds ? fds : max_fds;
+						continue;
+					}
+					if (meta_line(p, line))
+						continue;
+					if (!p->result[0] && !strncmp(line, "RESULT ", 7)) {
+						/* midway snapshot: the interrupted COMP finishes first */
+						snprintf(p->result, sizeof(p->result), "%.40s", line + 7);
+						printf("child %d: RESULT %s\n", i, p->result);
+						continue;
+					}
+					if (strncmp(line, "PONG ", 5) != 0) {
+						fail("child %d: expected PONG, got '%s'", (int)p->pid, line);
+						snprintf(p->pong, sizeof(p->pong), "(bad)");
+					} else {
+						snprintf(p->pong, sizeof(p->pong), "%.40s", line + 5);
+						p->t_pong = t;
+					}
+					pending--;
+				}
+			}
+		}
+		for (int i = 0; i < n; i++) {
+			struct peer *p = &peers[i];
+			if (!p->t_pong) {
+				fail("child %d: no PONG", (int)p->pid);
+				ok = 0;
+				continue;
+			}
+			printf("child %d: PONG %s\n", i, p->pong);
+			lat[0][nlat] = p->t_pong - p->t_fork;
+			if (p->got_times) {
+				lat[1][nlat] = p->t_pong - p->rt.t_open;
+				lat[2][nlat] = p->rt.check_ns;
+				lat[3][nlat] = p->rt.create_ns;
+				lat[4][nlat] = p->rt.mem_ns;
+				lat[5][nlat] = p->rt.restore_ns;
+				lat[6][nlat] = p->rt.check_ns + p->rt.create_ns + p->rt.mem_ns +
+					       p->rt.restore_ns;
+			}
+			nlat++;
+			if (strcmp(p->pong, peers[0].pong) != 0) {
+				fail("child %d: PONG %s != child 0's %s", i, p->pong, peers[0].pong);
+				ok = 0;
+			}
+		}
+		/* private writes, timers, deterministic COMP */
+		for (int i = 0; i < n && ok; i++)
+			if (check_guest(&peers[i], (unsigned)i, o->comp, results[i], 64) < 0)
+				ok = 0;
+		for (int i = 0; i < n && ok; i++) {
+			char want[32];
+			snprintf(want, sizeof(want), "VALUE %016x", 0xc0de0000u + (unsigned)i);
+			if (transact(&peers[i], "READ\n", "VALUE ", line, sizeof(line)) < 0)
+				ok = 0;
+			else if (strcmp(line, want) != 0) {
+				fail("child %d: READ '%s', want '%s' (writes leaked?)", i, line, want);
+				ok = 0;
+			}
+			if (ok && strcmp(results[i], results[0]) != 0) {
+				fail("child %d: COMP result %s != %s", i, results[i], results[0]);
+				ok = 0;
+			}
+		}
+		/* a fresh child restored while the others are still alive and have
+		   written: must see the template's value, not theirs */
+		if (ok) {
+			struct peer w;
+			if (spawn_file_child(o, &w) < 0 || read_line(&w, line, sizeof(line), 10000) < 0)
+				ok = 0;
+			else {
+				if (!strncmp(line, "RESULT ", 7) &&
+				    read_line(&w, line, sizeof(line), 10000) < 0)
+					ok = 0;
+				if (ok && (strncmp(line, "PONG ", 5) || strcmp(line + 5, peers[0].pong))) {
+					fail("witness child: '%s', want PONG %s", line, peers[0].pong);
+					ok = 0;
+				}
+				if (ok && transact(&w, "READ\n", "VALUE ", line, sizeof(line)) < 0)
+					ok = 0;
+				else if (ok && strcmp(line, "VALUE 0000000000000000") != 0) {
+					fail("witness child sees '%s' after the children wrote", line);
+					ok = 0;
+				} else if (ok)
+					printf("witness child: %s (children's writes stayed private)\n", line);
+			}
+			close(w.sock);
+			if (w.pid > 0 && reap(&w) != 0)
+				ok = 0;
+		}
+		for (int i = 0; i < n; i++) {
+			close(peers[i].sock);
+			int rc = reap(&peers[i]);
+			if (rc != 0) {
+				fail("child %d exited with %d", i, rc);
+				ok = 0;
+			}
+		}
+	}
+	printf("children: %d x %d iteration(s) from %s, PONG %s, RESULT(COMP %x) %s, max child fds %d\n",
+	       n, o->iters, o->snap, peers[0].pong, o->comp, results[0], max_fds);
+	stats("fork -> PONG", lat[0], nlat);
+	stats("open(snapshot) -> PONG", lat[1], nlat);
+	stats("  open+check snapshot", lat[2], nlat);
+	stats("  create VM+vCPU", lat[3], nlat);
+	stats("  map+memory region", lat[4], nlat);
+	stats("  restore state", lat[5], nlat);
+	stats("  restore total", lat[6], nlat);
+	printf("fork: %s\n", ok ? "OK" : "FAILED");
+	for (int k = 0; k < 7; k++)
+		free(lat[k]);
+	free(peers);
+	free(results);
+	free(pf);
+	return ok ? 0 : 1;
+}
+
+/* ---- snapvm floor N SNAP: the unavoidable KVM cost of one child, measured
+   alone: open(/dev/kvm) + KVM_CREATE_VM + KVM_CREATE_VCPU + mmap(MAP_PRIVATE)
+   of the snapshot's RAM + KVM_SET_USER_MEMORY_REGION, in N concurrent
+   processes (like `fork N SNAP`). */
+static int cmd_floor(const struct opts *o)
+{
+	struct snapfmt_reader *r = NULL;
+	int err = snapfmt_open(o->snap, 0, &r), n = o->nchildren, ok = 1;
+	if (err)
+		return fail("%s: %s", o->snap, snapfmt_strerror(err)), 2;
+	int (*pp)[2] = calloc((size_t)n, sizeof(*pp));
+	pid_t *pids = calloc((size_t)n, sizeof(*pids));
+	uint64_t *v = calloc((size_t)n, 8);
+	if (!pp || !pids || !v)
+		return fail("out of memory"), 1;
+	for (int i = 0; i < n; i++) {
+		if (pipe2(pp[i], O_CLOEXEC) < 0)
+			return fail("pipe: %s", strerror(errno)), 1;
+		pids[i] = fork();
+		if (pids[i] < 0)
+			return fail("fork: %s", strerror(errno)), 1;
+		if (pids[i] == 0) {
+			alarm(30);
+			uint64_t t0 = now_ns(), dt = 0;
+			int kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
+			int vmfd = kvm < 0 ? -1 : ioctl(kvm, KVM_CREATE_VM, 0);
+			int vcpu = vmfd < 0 ? -1 : ioctl(vmfd, KVM_CREATE_VCPU, 0);
+			void *p = NULL;
+			uint64_t len = 0;
+			if (vcpu >= 0 && !snapfmt_map_ram(r, 0, NULL, PROT_READ | PROT_WRITE, &p, &len)) {
+				struct kvm_userspace_memory_region mr = {
+					.slot = 0, .guest_phys_addr = 0, .memory_size = len,
+					.userspace_addr = (uint64_t)(uintptr_t)p};
+				if (ioctl(vmfd, KVM_SET_USER_MEMORY_REGION, &mr) == 0)
+					dt = now_ns() - t0;
+			}
+			if (write(pp[i][1], &dt, 8) != 8)
+				_exit(1);
+			_exit(dt ? 0 : 1);
+		}
+		close(pp[i][1]);
+	}
+	int nv = 0;
+	for (int i = 0; i < n; i++) {
+		uint64_t dt = 0;
+		if (read(pp[i][0], &dt, 8) != 8 || !dt) {
+			fail("floor child %d failed", i);
+			ok = 0;
+		} else
+			v[nv++] = dt;
+		close(pp[i][0]);
+		int status;
+		waitpid(pids[i], &status, 0);
+	}
+	snapfmt_close(r);
+	printf("floor: %d concurrent processes from %s\n", n, o->snap);
+	stats("floor (create+map+region)", v, nv);
+	free(pp);
+	free(pids);
+	free(v);
+	return ok ? 0 : 1;
+}
+
+static int is_snapshot(const char *path)
+{
+	char m[8] = {0};
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return 0;
+	ssize_t n = read(fd, m, 8);
+	close(fd);
+	return n == 8 && memcmp(m, SNAPFMT_MAGIC, 8) == 0;
+}
+
 int main(int argc, char **argv)
 {
 	struct opts o = {.mem = 256UL << 20, .timeout_s = 60, .iters = 1, .comp = 0x20,
 			 .eof_grace_ms = 1000};
+	const char *pos[2] = {NULL, NULL};
+	int npos = 0;
 	if (argc < 2)
 		usage();
 	const char *cmd = argv[1];
 	int i = 2;
-	if (strcmp(cmd, "fork") == 0) {
+	if (!strcmp(cmd, "fork") || !strcmp(cmd, "floor")) {
 		if (argc < 3)
 			usage();
 		o.nchildren = atoi(argv[2]);
-		if (o.nchildren < 1 || o.nchildren > 64)
-			return fail("fork: N must be 1..64"), 2;
+		if (o.nchildren < 1 || o.nchildren > 256)
+			return fail("%s: N must be 1..256", cmd), 2;
 		i = 3;
-	} else if (strcmp(cmd, "run") != 0) {
+	} else if (strcmp(cmd, "run") && strcmp(cmd, "snapshot") && strcmp(cmd, "restore") &&
+		   strcmp(cmd, "verify-restore") && strcmp(cmd, "seal")) {
 		usage();
 	}
 	for (; i < argc; i++) {
@@ -710,17 +1314,17 @@ int main(int argc, char **argv)
 			o.midway_ms = atoi(argv[++i]);
 		} else if (!strcmp(a, "--restore"))
 			o.restore = 1;
+		else if (!strcmp(a, "--no-seal"))
+			o.no_seal = 1;
 		else if (!strcmp(a, "--avx"))
 			g_allow_avx = 1;
 		else if (!strcmp(a, "-v"))
 			o.verbose = 1;
-		else if (a[0] != '-' && !o.image)
-			o.image = a;
+		else if (a[0] != '-' && npos < 2)
+			pos[npos++] = a;
 		else
 			usage();
 	}
-	if (!o.image)
-		usage();
 	if (o.mem < MEM_MIN || o.mem > MEM_MAX)
 		return fail("--mem must be %lu..%lu MiB", MEM_MIN >> 20, MEM_MAX >> 20), 2;
 	if (o.iters < 1)
@@ -729,5 +1333,38 @@ int main(int argc, char **argv)
 		alarm((unsigned)o.timeout_s); /* default SIGALRM action: terminate */
 	signal(SIGPIPE, SIG_IGN);
 	setvbuf(stdout, NULL, _IOLBF, 0);
+	if (!strcmp(cmd, "snapshot")) {
+		if (npos != 2)
+			usage();
+		o.image = pos[0];
+		o.snap = pos[1];
+		return cmd_snapshot(&o);
+	}
+	if (!strcmp(cmd, "verify-restore")) {
+		if (npos != 2)
+			usage();
+		o.snap = pos[0];
+		o.out = pos[1];
+		return cmd_verify_restore(&o);
+	}
+	if (npos != 1)
+		usage();
+	if (!strcmp(cmd, "restore")) {
+		o.snap = pos[0];
+		return cmd_restore(&o);
+	}
+	if (!strcmp(cmd, "seal")) {
+		int err = snapfmt_kvm_seal(pos[0]);
+		return err ? (shim_fail("seal", err), 1) : 0;
+	}
+	if (!strcmp(cmd, "floor")) {
+		o.snap = pos[0];
+		return cmd_floor(&o);
+	}
+	if (!strcmp(cmd, "fork") && is_snapshot(pos[0])) {
+		o.snap = pos[0];
+		return cmd_fork_file(&o);
+	}
+	o.image = pos[0];
 	return strcmp(cmd, "fork") == 0 ? cmd_fork(&o) : cmd_run(&o);
 }

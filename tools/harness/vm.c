@@ -234,6 +234,9 @@ int vm_create(struct vm *vm)
 		vm->run = NULL;
 		return fail("mmap kvm_run: %s", strerror(errno));
 	}
+	uart_init(&vm->uart, vm->vm_fd, -1);
+	if (vm->for_restore)
+		return 0;
 	if (get_supported_cpuid(vm->kvm_fd, &cpuid) < 0)
 		return -1;
 	int r = ioctl(vm->vcpu_fd, KVM_SET_CPUID2, cpuid);
@@ -242,7 +245,6 @@ int vm_create(struct vm *vm)
 		return fail("KVM_SET_CPUID2: %s", strerror(errno));
 	if (probe_msrs(vm) < 0)
 		return -1;
-	uart_init(&vm->uart, vm->vm_fd, -1);
 	return 0;
 }
 

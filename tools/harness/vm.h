@@ -112,6 +112,8 @@ struct vm {
 
 	int verbose;
 	int allow_avx;          /* set GUEST_FLAG_AVX in the guest header */
+	int for_restore;        /* vm_create: skip the boot CPUID and the MSR
+				   probe (the snapshot's CPUID2/MSRS are set) */
 };
 
 /* Create VM + vCPU fds (irqchip, PIT, CPUID), no RAM yet.  Opens /dev/kvm
