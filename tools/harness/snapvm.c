@@ -792,54 +792,70 @@ static int snap_save(struct vm *vm, const char *path, int with_ram, int seal, st
 	return 0;
 }
 
-/* Restore path into a fresh VM.  Returns 0, or 2 when the snapshot was
-   refused (nothing started), or -1 on other failures. */
-static int snap_restore(struct vm *vm, const char *path, int verbose, struct restore_times *t)
+struct restore_ctx {
+	struct snapfmt_reader *r;
+	int err;
+	uint64_t t_mem0, t_mem1;
+};
+
+/* vm_create hook: guest RAM before the irqchip (see vm.h pre_irqchip) */
+static int restore_ram_hook(struct vm *vm, void *arg)
 {
-	struct snapfmt_reader *r = NULL;
-	struct snapfmt_diag d;
-	struct snapfmt_section s;
+	struct restore_ctx *c = arg;
 	struct snapfmt_kvm_ram regs[8];
 	uint32_t nreg = 0;
-	int err;
 
-	vm_init_struct(vm, verbose);
-	vm->for_restore = 1;
-	t->t_open = now_ns();
-	if ((err = snapfmt_kvm_open(path, 0, &r, &d))) {
-		shim_fail("restore refused", err);
-		return 2;
-	}
-	uint64_t t1 = now_ns();
-	if (vm_create(vm) < 0)
-		goto fail;
-	uint64_t t2 = now_ns();
-	if ((err = snapfmt_kvm_restore_ram(r, vm->vm_fd, 0, regs, 8, &nreg))) {
-		shim_fail("restore RAM", err);
-		snapfmt_kvm_close(r);
-		return err == SNAPFMT_ERR_CHANGED ? 2 : -1;
-	}
+	c->t_mem0 = now_ns();
+	if ((c->err = snapfmt_kvm_restore_ram(c->r, vm->vm_fd, 0, regs, 8, &nreg)))
+		return shim_fail("restore RAM", c->err);
 	if (nreg != 1 || regs[0].gpa != 0) {
 		for (uint32_t i = 0; i < nreg; i++)
 			munmap(regs[i].host, regs[i].size);
-		fail("snapshot has %u RAM regions; snapvm supports one at GPA 0", nreg);
-		goto fail;
+		c->err = SNAPFMT_ERR_INVAL;
+		return fail("snapshot has %u RAM regions; snapvm supports one at GPA 0", nreg);
 	}
 	vm->ram.host = regs[0].host;
 	vm->ram.size = regs[0].size;
 	vm->ram.fd = -1;
 	vm->ram.is_private = 1;
+	c->t_mem1 = now_ns();
+	return 0;
+}
+
+/* Restore path into a fresh VM.  Returns 0, or 2 when the snapshot was
+   refused (nothing started), or -1 on other failures. */
+static int snap_restore(struct vm *vm, const char *path, int verbose, struct restore_times *t)
+{
+	struct restore_ctx c = {0};
+	struct snapfmt_diag d;
+	struct snapfmt_section s;
+	int err;
+
+	vm_init_struct(vm, verbose);
+	vm->for_restore = 1;
+	t->t_open = now_ns();
+	if ((err = snapfmt_kvm_open(path, 0, &c.r, &d))) {
+		shim_fail("restore refused", err);
+		return 2;
+	}
+	uint64_t t1 = now_ns();
+	vm->pre_irqchip = restore_ram_hook;
+	vm->pre_irqchip_arg = &c;
+	if (vm_create(vm) < 0) {
+		snapfmt_kvm_close(c.r);
+		return c.err == SNAPFMT_ERR_CHANGED ? 2 : -1;
+	}
 	uint64_t t3 = now_ns();
 	/* spec 6.2: every vCPU, then the VM state */
-	if ((err = snapfmt_kvm_restore_vcpu(r, vm->vcpu_fd, 0))) {
+	if ((err = snapfmt_kvm_restore_vcpu(c.r, vm->vcpu_fd, 0))) {
 		shim_fail("restore vCPU 0", err);
 		goto fail;
 	}
-	if ((err = snapfmt_kvm_restore_vm(r, vm->vm_fd))) {
+	if ((err = snapfmt_kvm_restore_vm(c.r, vm->vm_fd))) {
 		shim_fail("restore VM", err);
 		goto fail;
 	}
-	if (snapfmt_find(r, SNAPFMT_SEC_UART_8250, 0, &s) || s.length != sizeof(struct uart_state) ||
+	if (snapfmt_find(c.r, SNAPFMT_SEC_UART_8250, 0, &s) || s.length != sizeof(struct uart_state) ||
 	    s.version != UART_STATE_VERSION) {
 		fail("snapshot has no uart.8250 v%d section of %zu bytes", UART_STATE_VERSION,
 		     sizeof(struct uart_state));
@@ -851,15 +867,15 @@ static int snap_restore(struct vm *vm, const char *path, int verbose, struct res
 	const char *note = snapfmt_kvm_last_note();
 	if (*note && verbose)
 		fprintf(stderr, "snapvm: note: %s\n", note);
-	snapfmt_kvm_close(r);
+	snapfmt_kvm_close(c.r);
 	uint64_t t4 = now_ns();
 	t->check_ns = t1 - t->t_open;
-	t->create_ns = t2 - t1;
-	t->mem_ns = t3 - t2;
+	t->mem_ns = c.t_mem1 - c.t_mem0;
+	t->create_ns = (t3 - t1) - t->mem_ns;
 	t->restore_ns = t4 - t3;
 	return 0;
 fail:
-	snapfmt_kvm_close(r);
+	snapfmt_kvm_close(c.r);
 	return -1;
 }
 
@@ -1228,14 +1244,14 @@ static int cmd_floor(const struct opts *o)
 			uint64_t t0 = now_ns(), dt = 0;
 			int kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
 			int vmfd = kvm < 0 ? -1 : ioctl(kvm, KVM_CREATE_VM, 0);
-			int vcpu = vmfd < 0 ? -1 : ioctl(vmfd, KVM_CREATE_VCPU, 0);
 			void *p = NULL;
 			uint64_t len = 0;
-			if (vcpu >= 0 && !snapfmt_map_ram(r, 0, NULL, PROT_READ | PROT_WRITE, &p, &len)) {
+			if (vmfd >= 0 && !snapfmt_map_ram(r, 0, NULL, PROT_READ | PROT_WRITE, &p, &len)) {
 				struct kvm_userspace_memory_region mr = {
 					.slot = 0, .guest_phys_addr = 0, .memory_size = len,
 					.userspace_addr = (uint64_t)(uintptr_t)p};
-				if (ioctl(vmfd, KVM_SET_USER_MEMORY_REGION, &mr) == 0)
+				if (ioctl(vmfd, KVM_SET_USER_MEMORY_REGION, &mr) == 0 &&
+				    ioctl(vmfd, KVM_CREATE_VCPU, 0) >= 0)
 					dt = now_ns() - t0;
 			}
 			if (write(pp[i][1], &dt, 8) != 8)

@@ -207,6 +207,8 @@ int vm_create(struct vm *vm)
 	uint64_t idmap = 0xfffbc000;
 	if (ioctl(vm->vm_fd, KVM_SET_IDENTITY_MAP_ADDR, &idmap) < 0)
 		return fail("KVM_SET_IDENTITY_MAP_ADDR: %s", strerror(errno));
+	if (vm->pre_irqchip && vm->pre_irqchip(vm, vm->pre_irqchip_arg) < 0)
+		return -1;
 	if (ioctl(vm->vm_fd, KVM_CREATE_IRQCHIP, 0) < 0)
 		return fail("KVM_CREATE_IRQCHIP: %s", strerror(errno));
 	struct kvm_pit_config pit = {.flags = KVM_PIT_SPEAKER_DUMMY};
