@@ -645,7 +645,18 @@ fpu_init:
 	jz	0f
 	or	$4, %eax                    /* ... | AVX */
 	movb	$1, have_avx(%rip)
-0:	xor	%ecx, %ecx
+0:	/* ... | PKRU when XCR0 can hold it (as Linux does): KVM_GET_XSAVE
+	   reports the PKRU component whatever XCR0 says, so enabling it keeps
+	   XSTATE_BV within XCR0 (snapfmt validate x86-xsave-bv-not-in-xcr0) */
+	mov	%eax, %r9d
+	push	%rbx
+	mov	$0xd, %eax
+	xor	%ecx, %ecx
+	cpuid
+	pop	%rbx
+	and	$0x200, %eax
+	or	%r9d, %eax
+	xor	%ecx, %ecx
 	xor	%edx, %edx
 	xsetbv
 1:	/* distinctive vector values: byte k of reg i = i * 0x10 + k + 1 */
