@@ -14,6 +14,8 @@ from .errors import (ChecksumError, EncodeError, FormatError, LimitError, Snapfm
                      SnapfmtOSError, TruncatedError, UnknownSectionError, VersionError)
 from .findings import Finding
 from .validate import has_errors, validate
+from . import diff, layers, migrate  # noqa: E402  (subpackages of the public API)
+from .diff import diff_snapshots
 
 __version__ = "0.1.0"
 
@@ -26,4 +28,4 @@ def new(arch: str = "x86_64", page_size: int = 4096, flags: int = 0) -> Snapshot
 __all__ = ["new", "load", "loads", "validate", "has_errors", "Snapshot", "Section", "Finding",
            "SnapfmtError", "FormatError", "TruncatedError", "ChecksumError", "VersionError",
            "LimitError", "UnknownSectionError", "EncodeError", "SnapfmtOSError", "layout",
-           "__version__"]
+           "diff", "diff_snapshots", "layers", "migrate", "__version__"]

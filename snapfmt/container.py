@@ -57,7 +57,7 @@ class Section:
         self.length = length
         self._data = data
         self._fields = None
-        self._kind = registry.by_id(type_id)
+        self._kind = registry._BY_ID.get(type_id) if registry._loaded else registry.by_id(type_id)
 
     @property
     def kind(self) -> registry.SectionKind | None:
@@ -203,6 +203,10 @@ class Snapshot:
     def guest_ram(self, gpa: int, length: int) -> np.ndarray:
         """Zero-copy numpy uint8 view of guest RAM [gpa, gpa+length)."""
         from .sections_core import MEM_BACKING_SECTION
+        if self.flags & L.HDR_F_DIFF_LAYER:
+            raise FormatError("guest RAM of a diff layer holds only its dirty pages, packed: "
+                              "not addressable by guest address", section="ram",
+                              hint="`snapfmt rebase` it onto its parent first")
         for r in self.memory_regions():
             base, size = r["guest_phys_addr"], r["memory_size"]
             if base <= gpa and gpa + length <= base + size:
@@ -596,49 +600,12 @@ def _parse(buf, *, strict: bool) -> Snapshot:
     crcs = tab["crc32c"].tolist()
     offs = tab["offset"].tolist()
     lens = tab["length"].tolist()
-    sections = []
-    for i in range(count):
-        eoff = table_off + i * esize
-        T = f"table[{i}]"
-        f_, off, ln = sflags[i], offs[i], lens[i]
-        if f_ & ~L.SEC_F_KNOWN:
-            raise FormatError(f"unknown section flags 0x{f_ & ~L.SEC_F_KNOWN:x}", section=T,
-                              field="flags", offset=eoff + _TO["flags"], code="bad-flags")
-        bulk = f_ & L.SEC_F_BULK
-        if off % L.SECTION_ALIGN or (bulk and (off % page_size or ln % page_size)):
-            what = "offset" if (off % (page_size if bulk else L.SECTION_ALIGN)) else "length"
-            raise FormatError(f"{'BULK ' if bulk else ''}section {what} "
-                              f"{off if what == 'offset' else ln} not "
-                              f"{page_size if bulk else L.SECTION_ALIGN}-aligned", section=T,
-                              field=what, offset=eoff + _TO[what], code="bad-align")
-        if not _range_inside(off, ln, hlen, file_size + 1) or off + ln > file_size:
-            raise FormatError(f"section [{off}, {off + ln}) not inside [{hlen}, {file_size})",
-                              section=T, field="offset", offset=eoff + _TO["offset"],
-                              code="bad-offset")
-        if off < table_off + tlen and table_off < off + ln:
-            raise FormatError(f"section [{off}, {off + ln}) overlaps the table "
-                              f"[{table_off}, {table_off + tlen})", section=T, field="offset",
-                              offset=eoff + _TO["offset"], code="bad-offset")
-        if not bulk and ln > L.MAX_STATE_SECTION_LEN:
-            raise LimitError(f"section length {ln} > limit {L.MAX_STATE_SECTION_LEN}",
-                             section=T, field="length", offset=eoff + _TO["length"])
-        sections.append(Section(snap, i, types[i], insts[i], vers[i], f_, crcs[i], off, ln))
-
-    seen = {}
-    for s in sections:
-        key = (s.type_id, s.instance)
-        if key in seen:
-            raise FormatError(f"({s.name}, instance {s.instance}) also at table[{seen[key]}]",
-                              section=f"table[{s.index}]", field="type",
-                              offset=table_off + s.index * esize, code="duplicate")
-        seen[key] = s.index
-    order = sorted(sections, key=lambda s: (s.offset, s.index))
-    for a, b in zip(order, order[1:]):
-        if b.offset < a.offset + a.length:
-            raise FormatError(f"[{b.offset}, {b.offset + b.length}) overlaps table[{a.index}] "
-                              f"[{a.offset}, {a.offset + a.length})", section=f"table[{b.index}]",
-                              field="offset", offset=table_off + b.index * esize + _TO["offset"],
-                              code="overlap")
+    if count and _entries_look_bad(tab, page_size, hlen, file_size, table_off, tlen):
+        # something is wrong: walk in table order to report the FIRST failure exactly
+        _check_entries_in_order(snap, types, insts, vers, sflags, crcs, offs, lens,
+                                page_size, hlen, file_size, table_off, tlen, esize)
+    sections = [Section(snap, i, types[i], insts[i], vers[i], sflags[i], crcs[i], offs[i],
+                        lens[i]) for i in range(count)]
     snap.sections = sections
 
     for s in sections:
@@ -680,3 +647,78 @@ def _section_problem(s: Section) -> FormatError | None:
                 e.offset += s.offset
             return e
     return None
+
+
+def _entries_look_bad(tab, page_size, hlen, file_size, table_off, tlen) -> bool:
+    """Vectorised steps 16-17 over the whole table; True if any entry may fail."""
+    fl = tab["flags"].astype(np.uint64)
+    off = tab["offset"]
+    ln = tab["length"]
+    bulk = (fl & np.uint64(L.SEC_F_BULK)) != 0
+    bad = (fl & np.uint64(0xFFFF & ~L.SEC_F_KNOWN)) != 0
+    bad |= (off % np.where(bulk, np.uint64(page_size), np.uint64(L.SECTION_ALIGN))) != 0
+    bad |= bulk & ((ln % np.uint64(page_size)) != 0)
+    fs = np.uint64(file_size)
+    bad |= (off < np.uint64(hlen)) | (off > fs)
+    bad |= ln > fs - np.minimum(off, fs)               # no uint64 wrap-around
+    if bad.any():
+        return True
+    end = off + ln                                      # safe: both are <= file_size now
+    bad |= (off < np.uint64(table_off + tlen)) & (np.uint64(table_off) < end)
+    bad |= ~bulk & (ln > np.uint64(L.MAX_STATE_SECTION_LEN))
+    if bad.any():
+        return True
+    keys = (tab["type"].astype(np.uint64) << np.uint64(32)) | tab["instance"].astype(np.uint64)
+    if np.unique(keys).size != keys.size:
+        return True
+    order = np.argsort(off, kind="stable")
+    so, se = off[order], end[order]
+    return bool((so[1:] < se[:-1]).any())
+
+
+def _check_entries_in_order(snap, types, insts, vers, sflags, crcs, offs, lens, page_size,
+                            hlen, file_size, table_off, tlen, esize) -> None:
+    """Steps 16-17 entry by entry: raises the error of the first failing entry."""
+    sections = []
+    for i in range(len(types)):
+        eoff = table_off + i * esize
+        T = f"table[{i}]"
+        f_, off, ln = sflags[i], offs[i], lens[i]
+        if f_ & ~L.SEC_F_KNOWN:
+            raise FormatError(f"unknown section flags 0x{f_ & ~L.SEC_F_KNOWN:x}", section=T,
+                              field="flags", offset=eoff + _TO["flags"], code="bad-flags")
+        bulk = f_ & L.SEC_F_BULK
+        if off % L.SECTION_ALIGN or (bulk and (off % page_size or ln % page_size)):
+            what = "offset" if (off % (page_size if bulk else L.SECTION_ALIGN)) else "length"
+            raise FormatError(f"{'BULK ' if bulk else ''}section {what} "
+                              f"{off if what == 'offset' else ln} not "
+                              f"{page_size if bulk else L.SECTION_ALIGN}-aligned", section=T,
+                              field=what, offset=eoff + _TO[what], code="bad-align")
+        if not _range_inside(off, ln, hlen, file_size + 1) or off + ln > file_size:
+            raise FormatError(f"section [{off}, {off + ln}) not inside [{hlen}, {file_size})",
+                              section=T, field="offset", offset=eoff + _TO["offset"],
+                              code="bad-offset")
+        if off < table_off + tlen and table_off < off + ln:
+            raise FormatError(f"section [{off}, {off + ln}) overlaps the table "
+                              f"[{table_off}, {table_off + tlen})", section=T, field="offset",
+                              offset=eoff + _TO["offset"], code="bad-offset")
+        if not bulk and ln > L.MAX_STATE_SECTION_LEN:
+            raise LimitError(f"section length {ln} > limit {L.MAX_STATE_SECTION_LEN}",
+                             section=T, field="length", offset=eoff + _TO["length"])
+        sections.append(Section(snap, i, types[i], insts[i], vers[i], f_, crcs[i], off, ln))
+
+    seen = {}
+    for s in sections:
+        key = (s.type_id, s.instance)
+        if key in seen:
+            raise FormatError(f"({s.name}, instance {s.instance}) also at table[{seen[key]}]",
+                              section=f"table[{s.index}]", field="type",
+                              offset=table_off + s.index * esize, code="duplicate")
+        seen[key] = s.index
+    order = sorted(sections, key=lambda s: (s.offset, s.index))
+    for a, b in zip(order, order[1:]):
+        if b.offset < a.offset + a.length:
+            raise FormatError(f"[{b.offset}, {b.offset + b.length}) overlaps table[{a.index}] "
+                              f"[{a.offset}, {a.offset + a.length})", section=f"table[{b.index}]",
+                              field="offset", offset=table_off + b.index * esize + _TO["offset"],
+                              code="overlap")

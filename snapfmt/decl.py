@@ -95,6 +95,10 @@ def type_name(sc) -> str:
 
 
 def _expr(e) -> str:
+    """Stable text for a computed count/length (never a function's address)."""
+    if callable(e) and not hasattr(e, "__getfield__") and type(e).__name__ in (
+            "function", "builtin_function_or_method", "partial"):
+        return "<computed>"
     return repr(e).replace("this.", "").replace("this['", "").replace("']", "")
 
 

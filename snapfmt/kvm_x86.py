@@ -383,18 +383,21 @@ def check_xsave(buf) -> None:
                           section="x86.xsave", field="length", code="bad-length")
 
 
+_CPUID2_HDR_SIZE = KvmCpuid2Header.sizeof()
+_MSRS_HDR_SIZE = KvmMsrsHeader.sizeof()
+
+
 def cpuid_entries(buf) -> np.ndarray:
     """The entries of an x86.cpuid2 blob as a numpy structured array (no copy)."""
     n = _check_counted(buf, "x86.cpuid2", "nent", KvmCpuid2Header, KvmCpuidEntry2,
                        MAX_CPUID_ENTRIES)
-    return np.frombuffer(buf, dtype=CPUID_ENTRY_DTYPE, count=n,
-                         offset=KvmCpuid2Header.sizeof())
+    return np.frombuffer(buf, dtype=CPUID_ENTRY_DTYPE, count=n, offset=_CPUID2_HDR_SIZE)
 
 
 def msr_entries(buf) -> np.ndarray:
     """The entries of an x86.msrs blob as a numpy structured array (no copy)."""
     n = _check_counted(buf, "x86.msrs", "nmsrs", KvmMsrsHeader, KvmMsrEntry, MAX_MSR_ENTRIES)
-    return np.frombuffer(buf, dtype=MSR_ENTRY_DTYPE, count=n, offset=KvmMsrsHeader.sizeof())
+    return np.frombuffer(buf, dtype=MSR_ENTRY_DTYPE, count=n, offset=_MSRS_HDR_SIZE)
 
 
 def _one_line(e: BaseException) -> str:

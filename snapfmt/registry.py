@@ -86,7 +86,7 @@ class SectionKind:
         except TypeError:
             return None
 
-    @property
+    @cached_property
     def needs_decode_check(self) -> bool:
         """True when only a full decode can tell whether the bytes are valid.
 

@@ -43,7 +43,7 @@ def validate(snap, *, deep: bool = True) -> list[Finding]:
             out.append(Finding("wrong-arch", ERROR, s.label,
                                f"{s.kind.arch} section in a {snap.arch} snapshot"))
             continue
-        if s.label in bad_labels or not s.kind.needs_decode_check:
+        if not s.kind.needs_decode_check or s.label in bad_labels:
             continue
         try:
             s.fields
@@ -102,7 +102,8 @@ def _check_memory_layout(snap):
                               f"RAM section {r['section_instance']} not in the file")
             else:
                 used.add(sec.instance)
-                if sec.length != size:
+                # a diff layer's RAM holds only dirty pages (layers.py checks those sizes)
+                if sec.length != size and not snap.flags & L.HDR_F_DIFF_LAYER:
                     yield Finding("mem-region-size", ERROR, f"{loc}.memory_size",
                                   f"region is {size} bytes, RAM section {sec.instance} has "
                                   f"{sec.length}")

@@ -121,24 +121,20 @@ def check_control_registers(snap):
 
 # ------------------------------------------------------------------- APIC
 
-def _msr_values(sec) -> dict[int, int] | None:
-    try:
-        arr = kx.msr_entries(sec.data)
-    except FormatError:
-        return None
-    return {int(i): int(d) for i, d in zip(arr["index"], arr["data"])}
-
-
 @check("x86-apic", arch=ARCH)
 def check_apic(snap):
     for sec, f in _decoded(snap, "x86.sregs"):
         msrs_sec = snap.find("x86.msrs", sec.instance)
         if msrs_sec is None:
             continue
-        msrs = _msr_values(msrs_sec)
-        if msrs is None or kx.MSR_IA32_APICBASE not in msrs:
+        try:
+            arr = kx.msr_entries(msrs_sec.data)
+        except FormatError:
             continue
-        m = msrs[kx.MSR_IA32_APICBASE]
+        hit = arr["data"][arr["index"] == kx.MSR_IA32_APICBASE]
+        if not len(hit):
+            continue
+        m = int(hit[-1])
         if m != f["apic_base"]:
             yield Finding("x86-apic-base-mismatch", ERROR, f"{sec.label}.apic_base",
                           f"sregs.apic_base 0x{f['apic_base']:x} != "
@@ -161,10 +157,18 @@ def check_apic(snap):
 
 def _cpuid_xsave_layout(snap, vcpu: int) -> dict[int, tuple[int, int]]:
     """component -> (offset, size) in standard format, from CPUID leaf 0xD."""
-    out = dict(_FIXED_XSAVE_COMPONENTS)
     sec = snap.find("x86.cpuid2", vcpu)
     if sec is None:
-        return out
+        return dict(_FIXED_XSAVE_COMPONENTS)
+    key = bytes(sec.data)            # vCPUs usually share one CPUID table: compute once
+    memo = snap.__dict__.setdefault("_xsave_layout_memo", {})
+    if key not in memo:
+        memo[key] = _xsave_layout_from_cpuid(sec)
+    return memo[key]
+
+
+def _xsave_layout_from_cpuid(sec) -> dict[int, tuple[int, int]]:
+    out = dict(_FIXED_XSAVE_COMPONENTS)
     try:
         arr = kx.cpuid_entries(sec.data)
     except FormatError:
@@ -193,7 +197,7 @@ def check_xsave(snap):
             kx.check_xsave(sec.data)
         except FormatError:
             continue
-        hdr = kx.xsave_header(bytes(sec.data[:kx.XSAVE_LEGACY_SIZE]))
+        hdr = kx.xsave_header(bytes(sec.data[:kx.XSAVE_HDR_OFFSET + 64]))
         bv, comp = hdr["xstate_bv"], hdr["xcomp_bv"]
         loc = f"{sec.label}.region"
         if comp:
@@ -204,8 +208,8 @@ def check_xsave(snap):
             yield Finding("x86-xsave-header-reserved", ERROR, f"{loc}.header",
                           "XSAVE header bytes 528..575 must be zero")
         layout = _cpuid_xsave_layout(snap, sec.instance)
-        for bit in range(64):
-            if bv >> bit & 1 and bit in layout:
+        for bit in (b for b in range(bv.bit_length()) if bv >> b & 1):
+            if bit in layout:
                 off, size = layout[bit]
                 if off + size > sec.length:
                     name = kx.XFEATURE_BITS.get(bit, f"bit{bit}")
@@ -270,12 +274,16 @@ def check_mp_state(snap):
 
 
 def _vcpu_sections(snap) -> dict[int, Counter]:
+    kinds = {k.type_id: k.name for k in registry.all_kinds()
+             if k.scope == registry.SCOPE_VCPU and k.arch in (None, ARCH)}
     per: dict[int, Counter] = {}
     for s in snap.sections:
-        k = s.kind
-        if k is None or k.scope != registry.SCOPE_VCPU or k.arch not in (None, ARCH):
-            continue
-        per.setdefault(s.instance, Counter())[k.name] += 1
+        name = kinds.get(s.type_id)
+        if name is not None:
+            c = per.get(s.instance)
+            if c is None:
+                c = per[s.instance] = Counter()
+            c[name] += 1
     return per
 
 

@@ -205,8 +205,6 @@ def test_layer_validates_cleanly(chain, tmp_path):
     l1.save(tmp_path / "l1.snap")
     findings = snapfmt.validate(snapfmt.load(tmp_path / "l1.snap"))
     errors = [f for f in findings if f.severity == "error"]
-    if errors and all(f.code == "mem-region-size" for f in errors):
-        pytest.xfail("the core memory-layout check does not know DIFF_LAYER yet (lead wiring)")
     assert [str(f) for f in errors] == []
 
 
