@@ -139,9 +139,12 @@ def check_apic(snap):
             yield Finding("x86-apic-base-mismatch", ERROR, f"{sec.label}.apic_base",
                           f"sregs.apic_base 0x{f['apic_base']:x} != "
                           f"{msrs_sec.label} IA32_APIC_BASE 0x{m:x}")
-    for sec, f in _decoded(snap, "x86.lapic"):
-        regs = bytes(sec.data)
-        raw = kx.lapic_reg(regs, kx.APIC_ID)
+    for sec in snap.all("x86.lapic"):
+        if sec.length != kx.LAPIC.fixed_size:
+            continue
+        raw = kx.lapic_reg(sec.data, kx.APIC_ID)
+        if raw >> 24 == sec.instance:
+            continue
         sregs = _fields(snap.find("x86.sregs", sec.instance))
         x2apic = sregs is not None and sregs["apic_base"] & kx.APIC_BASE_EXTD
         # x2APIC: KVM stores the full 32-bit ID with KVM_CAP_X2APIC_API, else ID << 24.
@@ -274,16 +277,15 @@ def check_mp_state(snap):
 
 
 def _vcpu_sections(snap) -> dict[int, Counter]:
-    kinds = {k.type_id: k.name for k in registry.all_kinds()
-             if k.scope == registry.SCOPE_VCPU and k.arch in (None, ARCH)}
     per: dict[int, Counter] = {}
-    for s in snap.sections:
-        name = kinds.get(s.type_id)
-        if name is not None:
+    for k in registry.all_kinds():
+        if k.scope != registry.SCOPE_VCPU or k.arch not in (None, ARCH):
+            continue
+        for s in snap.all(k.type_id):
             c = per.get(s.instance)
             if c is None:
                 c = per[s.instance] = Counter()
-            c[name] += 1
+            c[k.name] += 1
     return per
 
 
