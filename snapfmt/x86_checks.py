@@ -18,7 +18,8 @@ Finding codes (stable; severity, meaning):
 - ``x86-xsave-header-reserved`` (error): XSAVE header bytes 528..575 not zero.
 - ``x86-xsave-too-small`` (error): an XSTATE_BV component (placed by CPUID leaf 0xD)
   ends past the end of the section.
-- ``x86-xsave-bv-not-in-xcr0`` (error): XSTATE_BV has components XCR0 does not enable.
+- ``x86-xsave-bv-not-in-xcr0`` (error): XSTATE_BV has components XCR0 does not enable
+  (PKRU excepted: KVM always reports it in its XSAVE buffer).
 - ``x86-cpuid-duplicate`` (error): two CPUID entries with the same function+index.
 - ``x86-msr-duplicate`` (warning): one MSR index listed twice.
 - ``x86-mp-state-range`` (error): mp_state is not one KVM_SET_MP_STATE accepts on x86
@@ -46,6 +47,7 @@ from .findings import ERROR, WARNING, Finding, check
 ARCH = "x86_64"
 
 XCR0 = 0
+XFEATURE_PKRU_MASK = 1 << 9
 #: Components whose standard-format place is fixed by the architecture: (offset, size).
 _FIXED_XSAVE_COMPONENTS = {0: (0, 160), 1: (160, 256), 2: (576, 256)}
 
@@ -220,7 +222,9 @@ def check_xsave(snap):
                                   f"XSTATE_BV has {name} at [{off}, {off + size}) but the "
                                   f"section is {sec.length} bytes")
         xcr0 = _xcr0(snap, sec.instance)
-        if xcr0 is not None and bv & ~xcr0:
+        # KVM's uABI XSAVE buffer always carries PKRU (bit 9) when the host supports it,
+        # whatever the guest's XCR0: PKRU is context-switched outside XSAVES by KVM.
+        if xcr0 is not None and bv & ~xcr0 & ~XFEATURE_PKRU_MASK:
             yield Finding("x86-xsave-bv-not-in-xcr0", ERROR, f"{loc}.xstate_bv",
                           f"XSTATE_BV 0x{bv:x} has components "
                           f"{kx.bit_names(bv & ~xcr0, kx.XFEATURE_BITS)} not enabled in "

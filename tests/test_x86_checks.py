@@ -353,3 +353,15 @@ def test_undecodable_section_is_reported_once_not_crashing():
     bad = [f for f in found if f.code == "bad-length"]
     assert len(bad) == 1 and bad[0].location.startswith("x86.msrs[vcpu 0].nmsrs")
     assert [f.code for f in found if f.code.startswith("x86-")] == []
+
+
+def test_xsave_pkru_reported_by_kvm_without_xcr0_pkru_is_fine():
+    """KVM returns PKRU (bit 9) in XSTATE_BV even when the guest's XCR0 lacks it."""
+    def m(vcpus, vm):
+        r = bytearray.fromhex(vcpus[0]["x86.xsave"]["region"])
+        r[512:520] = (XCR0_X87_SSE_AVX | 1 << 9).to_bytes(8, "little")
+        vcpus[0]["x86.xsave"]["region"] = r.hex()
+        vcpus[0]["x86.xsave"]["extra"] = bytes(2696 + 8 - 4096 + 4096).hex()
+        vcpus[0]["x86.cpuid2"]["entries"].append(dict(
+            function=0xD, index=9, flags=1, eax=8, ebx=2688, ecx=0, edx=0, padding=[0] * 3))
+    assert [f.code for f in x86_findings(build(m))] == []
