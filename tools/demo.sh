@@ -17,20 +17,21 @@ print("wrote", sys.argv[1])
 PYEOF
 
 say "2. snapfmt info"
-$SNAPFMT info "$OUT/sample.snap" | head -20
+$SNAPFMT info "$OUT/sample.snap" > "$OUT/sample.info"; head -20 "$OUT/sample.info"
 
 say "3. snapfmt validate"
 $SNAPFMT validate "$OUT/sample.snap"
 
 say "4. snapfmt dump (first lines) and build back: byte-identical?"
 $SNAPFMT dump "$OUT/sample.snap" -o "$OUT/sample.json"
-head -c 600 "$OUT/sample.json"; echo " ..."
+head -c 600 "$OUT/sample.json" || true; echo " ..."
 $SNAPFMT build "$OUT/sample.json" -o "$OUT/rebuilt.snap"
 cmp "$OUT/sample.snap" "$OUT/rebuilt.snap" && echo "dump -> build: byte-identical"
 
 if [ -x shim/snapdump ]; then
   say "5. the C reader's view (shim/snapdump)"
-  shim/snapdump "$OUT/sample.snap" | head -c 400; echo " ..."
+  shim/snapdump "$OUT/sample.snap" > "$OUT/sample.c-view.json"
+  head -c 400 "$OUT/sample.c-view.json"; echo " ..."
 fi
 
 if [ -x tools/demo_kvm.sh ] && [ -e /dev/kvm ]; then
