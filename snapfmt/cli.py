@@ -14,7 +14,7 @@ import sys
 from . import jsonio
 from . import layout as L
 from .container import load
-from .errors import SnapfmtError, SnapfmtOSError
+from .errors import EncodeError, SnapfmtError, SnapfmtOSError
 from .schema import render_text, schema
 from .validate import has_errors, validate
 
@@ -117,10 +117,18 @@ def cmd_dump(args) -> int:
 
 def cmd_build(args) -> int:
     try:
-        with open(args.json) if args.json != "-" else sys.stdin as f:
-            text = f.read()
+        if args.json == "-":
+            raw = sys.stdin.buffer.read()
+        else:
+            with open(args.json, "rb") as f:
+                raw = f.read()
     except OSError as e:
         raise SnapfmtOSError(f"cannot read {args.json}: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise EncodeError(f"not UTF-8 JSON (byte 0x{raw[e.start]:02x})", section="json",
+                          offset=e.start, hint="give the output of `snapfmt dump`") from None
     snap = jsonio.loads_json(text)
     snap.save(args.output)
     return 0

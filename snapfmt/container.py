@@ -147,6 +147,12 @@ class Snapshot:
         if page_size not in L.PAGE_SIZES:
             raise EncodeError(f"page size {page_size} not one of {L.PAGE_SIZES}",
                               section="header", field="page_size")
+        if not isinstance(flags, int) or not 0 <= flags < 1 << 32:
+            raise EncodeError(f"flags {flags!r} is not a u32", section="header", field="flags")
+        for name, v in (("version", version), ("compat_version", compat_version)):
+            if len(tuple(v)) != 2 or not all(isinstance(x, int) and 0 <= x < 1 << 16 for x in v):
+                raise EncodeError(f"{name} {v!r} is not (u16, u16)", section="header",
+                                  field=name)
         self.arch = arch
         self.page_size = page_size
         self.flags = flags
@@ -231,6 +237,11 @@ class Snapshot:
     def add(self, what, instance: int = 0, data=None, *, fields=None, flags: int | None = None,
             version: int | None = None) -> Section:
         tid = _type_id(what)
+        for name, v, bits in (("type", tid, 32), ("instance", instance, 32),
+                              ("version", version, 16), ("flags", flags, 16)):
+            if v is not None and (not isinstance(v, int) or not 0 <= v < 1 << bits):
+                raise EncodeError(f"{name} {v!r} is not a u{bits}", section=str(what),
+                                  field=name)
         kind = registry.by_id(tid)
         if (data is None) == (fields is None):
             raise EncodeError("give exactly one of data= or fields=", section=str(what))
