@@ -35,15 +35,28 @@ struct kind_desc {
 	uint32_t type;
 	const char *name;
 	uint16_t default_flags, version;
-	uint8_t shape;
-	uint64_t fixed_size, prefix;
-	uint32_t c1_off, c1_size, e1, c2_off, c2_size, e2, max1;
+	uint8_t shape, rule_at_open;
+	uint64_t fixed_size;
+	uint32_t rule_first, rule_count;
 };
 
-#define KIND_ROW(id, ty, nm, fl, ver, sh, fx, pre, o1, s1, e1_, o2, s2, e2_, mx) \
-	{ ty, nm, fl, ver, sh, fx, pre, o1, s1, e1_, o2, s2, e2_, mx },
+#define KIND_ROW(id, ty, nm, fl, ver, sh, fx, rf, rn, ro) \
+	{ ty, nm, fl, ver, sh, ro, fx, rf, rn },
 static const struct kind_desc kinds[] = { SNAPFMT_SECTION_KINDS(KIND_ROW) };
 #define N_KINDS (sizeof(kinds) / sizeof(kinds[0]))
+
+/* One step of a kind's length rule (see SNAPFMT_LENGTH_RULE_ROWS). */
+struct rule_row {
+	uint8_t op, width;
+	uint16_t off;
+	uint64_t a, b, c;
+};
+
+#define RULE_ROW(op_, w_, off_, a_, b_, c_) { op_, w_, off_, a_, b_, c_ },
+static const struct rule_row rule_rows[SNAPFMT_LENGTH_RULE_ROW_COUNT + 1] = {
+	SNAPFMT_LENGTH_RULE_ROWS(RULE_ROW)
+	{ 0, 0, 0, 0, 0, 0 }
+};
 
 /* kinds[] is sorted by type id (the generator sorts it). */
 static const struct kind_desc *kind_lookup(uint32_t type)
@@ -330,39 +343,177 @@ static void name(const struct snapfmt_reader *r, uint32_t *v, size_t n)		\
 DEFINE_SORT(sort_by_key, cmp_key)
 DEFINE_SORT(sort_by_off, cmp_off)
 
-static uint64_t get_count(const uint8_t *p, uint32_t size)
+/* The little-endian uint of `width` bytes at off; false when [off, off+width)
+ * is not inside the section (a rule reads only what a MIN step proved, so
+ * that is a generator bug, reported as BADLENGTH rather than read). */
+static bool rule_field(const uint8_t *data, uint64_t len, uint32_t off, uint32_t width,
+		       uint64_t *v)
 {
-	return size == 8 ? snapfmt_get_le64(p) : size == 4 ? snapfmt_get_le32(p) :
-	       size == 2 ? snapfmt_get_le16(p) : p[0];
+	if (!range_inside(off, width, 0, len))
+		return false;
+	switch (width) {
+	case 1: *v = data[off]; return true;
+	case 2: *v = snapfmt_get_le16(data + off); return true;
+	case 4: *v = snapfmt_get_le32(data + off); return true;
+	case 8: *v = snapfmt_get_le64(data + off); return true;
+	default: return false;
+	}
 }
 
-/* Rule 20 for a known, non-BULK section: 0, BADLENGTH or LIMIT (a count
- * above the kind's max_count, checked before the length like Python does). */
-static int check_length(const struct kind_desc *k, const uint8_t *data, uint64_t len)
+/* sum += roundup(count * elem, align) without overflow; false if the sum
+ * would pass UINT64_MAX (then no section length can match it: sections are
+ * at most 1 GiB). */
+static bool sum_add(uint64_t *sum, uint64_t count, uint64_t elem, uint64_t align)
 {
-	uint64_t c1, c2, want;
+	uint64_t t;
 
-	switch (k->shape) {
-	case SNAPFMT_SHAPE_FIXED:
-		return len == k->fixed_size ? 0 : SNAPFMT_ERR_BADLENGTH;
-	case SNAPFMT_SHAPE_LINEAR:
-		if (len < k->prefix)
-			return SNAPFMT_ERR_BADLENGTH;
-		c1 = get_count(data + k->c1_off, k->c1_size);
-		c2 = k->e2 ? get_count(data + k->c2_off, k->c2_size) : 0;
-		if (k->max1 && c1 > k->max1)
-			return SNAPFMT_ERR_LIMIT;
-		/* len - prefix == c1 * e1 + c2 * e2, without overflow */
-		want = len - k->prefix;
-		if (k->e1 && c1 > want / k->e1)
-			return SNAPFMT_ERR_BADLENGTH;
-		want -= c1 * k->e1;
-		if (k->e2 && c2 > want / k->e2)
-			return SNAPFMT_ERR_BADLENGTH;
-		return want == c2 * k->e2 ? 0 : SNAPFMT_ERR_BADLENGTH;
-	default:
-		return 0;
+	if (elem && count > UINT64_MAX / elem)
+		return false;
+	t = count * elem;
+	if (align > 1) {
+		if (t > UINT64_MAX - (align - 1))
+			return false;
+		t = (t + align - 1) & ~(align - 1);
 	}
+	if (t > UINT64_MAX - *sum)
+		return false;
+	*sum += t;
+	return true;
+}
+
+/* STRTAB step (rows[0] STRTAB, rows[1..n] STR_ARRAY); the exact-length step
+ * before it proved every record and the table inside the section, but every
+ * access is still range-checked. */
+static int rule_strtab(const struct rule_row *rows, const uint8_t *data, uint64_t len)
+{
+	uint64_t pos = rows[0].a, run = 0, slen;
+
+	if (!rule_field(data, len, rows[0].off, rows[0].width, &slen))
+		return SNAPFMT_ERR_BADLENGTH;
+	for (uint64_t j = 1; j <= rows[0].b; j++) {
+		const struct rule_row *ar = &rows[j];
+		uint64_t cnt, so, sl;
+
+		if (!rule_field(data, len, ar->off, ar->width, &cnt) || pos > len ||
+		    (ar->a && cnt > (len - pos) / ar->a))
+			return SNAPFMT_ERR_BADLENGTH;
+		if (ar->b != SNAPFMT_RULE_STR_NONE) {
+			for (uint64_t i = 0; i < cnt; i++) {
+				uint64_t rec = pos + i * ar->a;
+
+				if (!range_inside(rec, ar->a, 0, len) || ar->b + 4 > ar->a ||
+				    ar->c + 4 > ar->a)
+					return SNAPFMT_ERR_BADLENGTH;
+				so = snapfmt_get_le32(data + rec + ar->b);
+				sl = snapfmt_get_le32(data + rec + ar->c);
+				if (so != run)
+					return SNAPFMT_ERR_BADOFFSET;
+				run += sl;   /* <= 2^32 * records (< 2^24): no overflow */
+			}
+		}
+		pos += cnt * ar->a;
+	}
+	if (run != slen)
+		return SNAPFMT_ERR_BADLENGTH;
+	if (!range_inside(pos, slen, 0, len))
+		return SNAPFMT_ERR_BADLENGTH;
+	for (uint64_t i = pos + slen; i < len; i++)
+		if (data[i])
+			return SNAPFMT_ERR_BADVALUE;
+	return 0;
+}
+
+/* A kind's length rule over one section: 0, BADLENGTH, LIMIT, BADVALUE or
+ * BADOFFSET, the first failing step in declaration order. */
+static int check_rule(const struct kind_desc *k, const uint8_t *data, uint64_t len)
+{
+	const struct rule_row *rows = rule_rows + k->rule_first;
+	uint64_t sum = 0, v;
+	bool sum_ok = true;
+	int err;
+
+	for (uint32_t i = 0; i < k->rule_count; i++) {
+		const struct rule_row *r = &rows[i];
+
+		switch (r->op) {
+		case SNAPFMT_RULE_MIN:
+			if (len < r->a)
+				return SNAPFMT_ERR_BADLENGTH;
+			break;
+		case SNAPFMT_RULE_MAX:
+			if (len > r->a)
+				return SNAPFMT_ERR_BADLENGTH;
+			break;
+		case SNAPFMT_RULE_MULTIPLE:
+			if (!r->a || len % r->a)
+				return SNAPFMT_ERR_BADLENGTH;
+			break;
+		case SNAPFMT_RULE_LIMIT:
+		case SNAPFMT_RULE_VALUE_MAX:
+			if (!rule_field(data, len, r->off, r->width, &v))
+				return SNAPFMT_ERR_BADLENGTH;
+			if (v > r->a)
+				return r->op == SNAPFMT_RULE_LIMIT ? SNAPFMT_ERR_LIMIT
+								   : SNAPFMT_ERR_BADVALUE;
+			break;
+		case SNAPFMT_RULE_VALUE_IN:
+			if (!rule_field(data, len, r->off, r->width, &v))
+				return SNAPFMT_ERR_BADLENGTH;
+			if (v != r->a && v != r->b && v != r->c)
+				return SNAPFMT_ERR_BADVALUE;
+			break;
+		case SNAPFMT_RULE_SUM_BASE:
+			sum = r->a, sum_ok = true;
+			break;
+		case SNAPFMT_RULE_SUM_ADD:
+			if (!rule_field(data, len, r->off, r->width, &v))
+				return SNAPFMT_ERR_BADLENGTH;
+			sum_ok = sum_ok && sum_add(&sum, v, r->a, r->b);
+			break;
+		case SNAPFMT_RULE_LEN_EQ_SUM:
+			if (!sum_ok || len != sum)
+				return SNAPFMT_ERR_BADLENGTH;
+			break;
+		case SNAPFMT_RULE_LEN_GE_SUM:
+			if (!sum_ok || len < sum)
+				return SNAPFMT_ERR_BADLENGTH;
+			break;
+		case SNAPFMT_RULE_STRTAB:
+			if (r->b > k->rule_count - i - 1)
+				return SNAPFMT_ERR_BADLENGTH;
+			if ((err = rule_strtab(r, data, len)))
+				return err;
+			i += (uint32_t)r->b;
+			break;
+		default:
+			return SNAPFMT_ERR_BADLENGTH;
+		}
+	}
+	return 0;
+}
+
+/* Rule 20 for a known, non-BULK section (at open: the rule only for kinds
+ * Python checks at open; on demand: always). */
+static int check_length(const struct kind_desc *k, const uint8_t *data, uint64_t len,
+			bool at_open)
+{
+	if (k->shape == SNAPFMT_SHAPE_FIXED && len != k->fixed_size)
+		return SNAPFMT_ERR_BADLENGTH;
+	if (k->rule_count && (k->rule_at_open || !at_open))
+		return check_rule(k, data, len);
+	return 0;
+}
+
+int snapfmt_section_check(const struct snapfmt_section *sec)
+{
+	const struct kind_desc *k;
+
+	if (!sec || (!sec->data && sec->length))
+		return SNAPFMT_ERR_INVAL;
+	k = kind_lookup(sec->type);
+	if (!k || sec->version > k->version || (sec->flags & SNAPFMT_SEC_F_BULK))
+		return 0;
+	return check_length(k, sec->data, sec->length, false);
 }
 
 /* Rules 16-20 (and the deep BULK CRC with SNAPFMT_OPEN_DEEP). */
@@ -469,12 +620,13 @@ static int check_table(struct snapfmt_reader *r, unsigned flags, struct snapfmt_
 				    snapfmt_crc32c(0, s.data, s.length), s.crc);
 		if (!k)
 			continue;
-		err = check_length(k, s.data, s.length);
+		err = check_length(k, s.data, s.length, true);
 		if (err)
 			return fail(d, err, (int)i, "length", s.offset,
-				    "%s[%u]: length %llu inconsistent with its layout (fixed %llu, "
-				    "prefix %llu) or a count above its limit", k->name, s.instance, (unsigned long long)s.length,
-				    (unsigned long long)k->fixed_size, (unsigned long long)k->prefix);
+				    "%s[%u]: %s (length %llu; %s)", k->name, s.instance,
+				    snapfmt_strerror(err), (unsigned long long)s.length,
+				    k->shape == SNAPFMT_SHAPE_FIXED
+					    ? "fixed size" : "see its length rule in spec/tables.md");
 	}
 	if (flags & SNAPFMT_OPEN_DEEP) {
 		uint32_t bad;
@@ -596,6 +748,11 @@ void snapfmt_close(struct snapfmt_reader *r)
 void snapfmt_get_info(const struct snapfmt_reader *r, struct snapfmt_info *info)
 {
 	*info = r->info;
+}
+
+int snapfmt_reader_fd(const struct snapfmt_reader *r)
+{
+	return r ? r->fd : -1;
 }
 
 uint32_t snapfmt_section_count(const struct snapfmt_reader *r)

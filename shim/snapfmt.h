@@ -125,6 +125,16 @@ int snapfmt_find(const struct snapfmt_reader *r, uint32_t type, uint32_t instanc
 		 struct snapfmt_section *sec);
 /* 1 if the section's bytes match its CRC, 0 if not. */
 int snapfmt_section_crc_ok(const struct snapfmt_section *sec);
+/* Rule 20 on demand for one section of a known kind: the fixed size and the
+ * kind's whole length rule (spec/tables.md "Length rules"), including the
+ * kinds whose rule the reader does not apply at open because Python checks
+ * them only when decoding (arm64.hvf_vcpu).  0 for unknown kinds / BULK.
+ * Returns 0, BADLENGTH, LIMIT, BADVALUE or BADOFFSET -- the code Python's
+ * decoder raises first for the same bytes. */
+int snapfmt_section_check(const struct snapfmt_section *sec);
+/* The fd of a reader opened with snapfmt_open*() from a path (kept for
+ * snapfmt_map_ram(); owned by the reader), -1 for buffer readers. */
+int snapfmt_reader_fd(const struct snapfmt_reader *r);
 /* Deep verify: CRC of every BULK section; SNAPFMT_ERR_BADCRC names the first
  * bad one in *bad_index (may be NULL). */
 int snapfmt_verify_bulk(const struct snapfmt_reader *r, uint32_t *bad_index);

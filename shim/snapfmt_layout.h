@@ -136,51 +136,183 @@ enum snapfmt_error {
 #define SNAPFMT_SEC_PARENT_REF 0x0400u /* parent_ref */
 
 /* Length shapes, as the reader checks them at open (rule 20; same policy as
- * snapfmt/container.py): FIXED length == fixed_size; LINEAR length ==
- * prefix + count1 * elem1 (+ count2 * elem2), counts read (little-endian,
- * cnt*_size bytes) at cnt*_off; OPAQUE not checked at open (the Python
- * decoder checks it when the fields are read); fixed_size is still given
- * when the declaration has one;
- * NONE raw bytes. */
+ * snapfmt/container.py): FIXED length == fixed_size; OPAQUE no fixed size
+ * checked at open (the kind's length rule below may still apply); NONE raw
+ * bytes. */
 #define SNAPFMT_SHAPE_NONE 0
 #define SNAPFMT_SHAPE_FIXED 1
-#define SNAPFMT_SHAPE_LINEAR 2
 #define SNAPFMT_SHAPE_OPAQUE 3
-/* X(ident, type, name, default_flags, version, shape, fixed_size, prefix,
- *   cnt1_off, cnt1_size, elem1, cnt2_off, cnt2_size, elem2, max_count1);
- * max_count1 (0 = none): count 1 above it is SNAPFMT_ERR_LIMIT, checked
- * before the length (extra['max_count'] of the kind). */
+
+/* Length rules (extra['length_rule'] of a kind, snapfmt/codegen.py): a
+ * list of steps applied in order after the fixed-size check, the first
+ * failing one deciding the error, in the order of the kind's Python
+ * check_fn.  Row X(op, width, off, a, b, c); 'field' = the little-endian
+ * uint of `width` bytes at `off` (inside the length a MIN step proved):
+ *   MIN a / MAX a / MULTIPLE a   length < a / > a / % a != 0: BADLENGTH
+ *   LIMIT a                      field > a: LIMIT
+ *   VALUE_MAX a                  field > a: BADVALUE
+ *   VALUE_IN a b c               field not in {a, b, c}: BADVALUE
+ *   SUM_BASE a                   sum = a
+ *   SUM_ADD a b                  sum += roundup(field * a, b)
+ *   LEN_EQ_SUM / LEN_GE_SUM      length != sum / < sum: BADLENGTH
+ *   STRTAB a b                   canonical string table; field = its length;
+ *                                b STR_ARRAY rows follow, records back to
+ *                                back from offset a, the table after them
+ *   STR_ARRAY a b c              field = record count, a = record size, b/c =
+ *                                offsets of the u32 str_off/str_len in a
+ *                                record (SNAPFMT_RULE_STR_NONE: no string)
+ * STRTAB: a str_off != the sum of the lengths before it: BADOFFSET; the sum
+ * != the table length: BADLENGTH; a non-zero padding byte: BADVALUE. */
+#define SNAPFMT_RULE_MIN 1
+#define SNAPFMT_RULE_MAX 2
+#define SNAPFMT_RULE_MULTIPLE 3
+#define SNAPFMT_RULE_LIMIT 4
+#define SNAPFMT_RULE_VALUE_MAX 5
+#define SNAPFMT_RULE_VALUE_IN 6
+#define SNAPFMT_RULE_SUM_BASE 7
+#define SNAPFMT_RULE_SUM_ADD 8
+#define SNAPFMT_RULE_LEN_EQ_SUM 9
+#define SNAPFMT_RULE_LEN_GE_SUM 10
+#define SNAPFMT_RULE_STRTAB 11
+#define SNAPFMT_RULE_STR_ARRAY 12
+#define SNAPFMT_RULE_STR_NONE 0xffffu
+#define SNAPFMT_LENGTH_RULE_ROWS(X) \
+	/* 0: x86.cpuid2 */ \
+	X(SNAPFMT_RULE_MIN, 0u, 0u, 8ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_LIMIT, 4u, 0u, 256ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_SUM_BASE, 0u, 0u, 8ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_SUM_ADD, 4u, 0u, 40ull, 1ull, 0ull) \
+	X(SNAPFMT_RULE_LEN_EQ_SUM, 0u, 0u, 0ull, 0ull, 0ull) \
+	/* 5: x86.xsave */ \
+	X(SNAPFMT_RULE_MIN, 0u, 0u, 4096ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_MULTIPLE, 0u, 0u, 4ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_MAX, 0u, 0u, 1048576ull, 0ull, 0ull) \
+	/* 8: x86.msrs */ \
+	X(SNAPFMT_RULE_MIN, 0u, 0u, 8ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_LIMIT, 4u, 0u, 1024ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_SUM_BASE, 0u, 0u, 8ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_SUM_ADD, 4u, 0u, 16ull, 1ull, 0ull) \
+	X(SNAPFMT_RULE_LEN_EQ_SUM, 0u, 0u, 0ull, 0ull, 0ull) \
+	/* 13: x86.gsi_routing */ \
+	X(SNAPFMT_RULE_MIN, 0u, 0u, 8ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_LIMIT, 4u, 0u, 4096ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_SUM_BASE, 0u, 0u, 8ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_SUM_ADD, 4u, 0u, 48ull, 1ull, 0ull) \
+	X(SNAPFMT_RULE_LEN_EQ_SUM, 0u, 0u, 0ull, 0ull, 0ull) \
+	/* 18: arm64.regs */ \
+	X(SNAPFMT_RULE_MIN, 0u, 0u, 8ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_LIMIT, 4u, 0u, 4096ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_SUM_BASE, 0u, 0u, 8ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_SUM_ADD, 4u, 0u, 24ull, 1ull, 0ull) \
+	X(SNAPFMT_RULE_LEN_EQ_SUM, 0u, 0u, 0ull, 0ull, 0ull) \
+	/* 23: arm64.hvf_vcpu */ \
+	X(SNAPFMT_RULE_MIN, 0u, 0u, 24ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_LIMIT, 4u, 0u, 64ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_LIMIT, 4u, 4u, 4096ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_LIMIT, 4u, 8u, 64ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_SUM_BASE, 0u, 0u, 24ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_SUM_ADD, 4u, 0u, 16ull, 1ull, 0ull) \
+	X(SNAPFMT_RULE_SUM_ADD, 4u, 4u, 16ull, 1ull, 0ull) \
+	X(SNAPFMT_RULE_SUM_ADD, 4u, 8u, 24ull, 1ull, 0ull) \
+	X(SNAPFMT_RULE_LEN_EQ_SUM, 0u, 0u, 0ull, 0ull, 0ull) \
+	/* 32: arm64.gicv3 */ \
+	X(SNAPFMT_RULE_MIN, 0u, 0u, 8ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_LIMIT, 4u, 0u, 131072ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_SUM_BASE, 0u, 0u, 8ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_SUM_ADD, 4u, 0u, 24ull, 1ull, 0ull) \
+	X(SNAPFMT_RULE_LEN_EQ_SUM, 0u, 0u, 0ull, 0ull, 0ull) \
+	/* 37: arm64.gicv2 */ \
+	X(SNAPFMT_RULE_MIN, 0u, 0u, 24ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_LIMIT, 4u, 0u, 16384ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_SUM_BASE, 0u, 0u, 24ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_SUM_ADD, 4u, 0u, 16ull, 1ull, 0ull) \
+	X(SNAPFMT_RULE_LEN_EQ_SUM, 0u, 0u, 0ull, 0ull, 0ull) \
+	/* 42: arm64.gic_blob */ \
+	X(SNAPFMT_RULE_MIN, 0u, 0u, 8ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_LIMIT, 4u, 4u, 16384ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_LIMIT, 4u, 0u, 67108864ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_SUM_BASE, 0u, 0u, 8ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_SUM_ADD, 4u, 4u, 16ull, 1ull, 0ull) \
+	X(SNAPFMT_RULE_SUM_ADD, 4u, 0u, 1ull, 1ull, 0ull) \
+	X(SNAPFMT_RULE_LEN_EQ_SUM, 0u, 0u, 0ull, 0ull, 0ull) \
+	/* 49: virtio.mmio */ \
+	X(SNAPFMT_RULE_MIN, 0u, 0u, 80ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_LIMIT, 4u, 68u, 4096ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_LIMIT, 4u, 72u, 16ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_LIMIT, 4u, 76u, 1024ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_SUM_BASE, 0u, 0u, 80ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_SUM_ADD, 4u, 68u, 1ull, 8ull, 0ull) \
+	X(SNAPFMT_RULE_SUM_ADD, 4u, 72u, 24ull, 1ull, 0ull) \
+	X(SNAPFMT_RULE_SUM_ADD, 4u, 76u, 40ull, 1ull, 0ull) \
+	X(SNAPFMT_RULE_LEN_EQ_SUM, 0u, 0u, 0ull, 0ull, 0ull) \
+	/* 58: virtiofs.inode_map */ \
+	X(SNAPFMT_RULE_MIN, 0u, 0u, 64ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_LIMIT, 4u, 0u, 8388608ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_LIMIT, 4u, 4u, 1048576ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_LIMIT, 4u, 8u, 4096ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_SUM_BASE, 0u, 0u, 64ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_SUM_ADD, 4u, 0u, 72ull, 1ull, 0ull) \
+	X(SNAPFMT_RULE_SUM_ADD, 4u, 4u, 24ull, 1ull, 0ull) \
+	X(SNAPFMT_RULE_SUM_ADD, 4u, 8u, 16ull, 1ull, 0ull) \
+	X(SNAPFMT_RULE_SUM_ADD, 4u, 16u, 1ull, 8ull, 0ull) \
+	X(SNAPFMT_RULE_LEN_EQ_SUM, 0u, 0u, 0ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_STRTAB, 4u, 16u, 64ull, 3ull, 0ull) \
+	X(SNAPFMT_RULE_STR_ARRAY, 4u, 0u, 72ull, 16ull, 20ull) \
+	X(SNAPFMT_RULE_STR_ARRAY, 4u, 4u, 24ull, 65535ull, 65535ull) \
+	X(SNAPFMT_RULE_STR_ARRAY, 4u, 8u, 16ull, 8ull, 12ull) \
+	/* 72: uart.8250 */ \
+	X(SNAPFMT_RULE_VALUE_MAX, 1u, 11u, 63ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_VALUE_MAX, 1u, 12u, 64ull, 0ull, 0ull) \
+	/* 74: parent_ref */ \
+	X(SNAPFMT_RULE_MIN, 0u, 0u, 64ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_VALUE_IN, 4u, 0u, 1ull, 1ull, 1ull) \
+	X(SNAPFMT_RULE_VALUE_IN, 4u, 4u, 0ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_VALUE_IN, 4u, 28u, 0ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_VALUE_IN, 4u, 8u, 4096ull, 16384ull, 65536ull) \
+	X(SNAPFMT_RULE_LIMIT, 4u, 12u, 1024ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_LIMIT, 4u, 24u, 4096ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_SUM_BASE, 0u, 0u, 64ull, 0ull, 0ull) \
+	X(SNAPFMT_RULE_SUM_ADD, 4u, 12u, 24ull, 1ull, 0ull) \
+	X(SNAPFMT_RULE_LEN_GE_SUM, 0u, 0u, 0ull, 0ull, 0ull) \
+
+#define SNAPFMT_LENGTH_RULE_ROW_COUNT 84
+
+/* X(ident, type, name, default_flags, version, shape, fixed_size, rule_first,
+ *   rule_count, rule_at_open): rule rows [rule_first, +rule_count) of
+ * SNAPFMT_LENGTH_RULE_ROWS; rule_at_open 1 when the reader applies them at
+ * open (the kind has a Python check_fn), else only snapfmt_section_check()
+ * (Python: when the section is decoded). */
 #define SNAPFMT_SECTION_KINDS(X) \
-	X(METADATA, 0x0001u, "metadata", 0, 1, SNAPFMT_SHAPE_OPAQUE, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
-	X(MEMORY_LAYOUT, 0x0002u, "memory_layout", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_OPAQUE, 0u, 8u, 0u, 4u, 96u, 4u, 4u, 1u, 0u) \
-	X(RAM, 0x0003u, "ram", SNAPFMT_SEC_F_CRITICAL|SNAPFMT_SEC_F_BULK, 1, SNAPFMT_SHAPE_OPAQUE, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
-	X(X86_CPUID2, 0x0100u, "x86.cpuid2", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_LINEAR, 0u, 8u, 0u, 4u, 40u, 0u, 0u, 0u, 256u) \
-	X(X86_MP_STATE, 0x0101u, "x86.mp_state", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 4u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
-	X(X86_REGS, 0x0102u, "x86.regs", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 144u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
-	X(X86_SREGS, 0x0103u, "x86.sregs", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 312u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
-	X(X86_XSAVE, 0x0104u, "x86.xsave", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_OPAQUE, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
-	X(X86_XCRS, 0x0105u, "x86.xcrs", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 392u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
-	X(X86_DEBUGREGS, 0x0106u, "x86.debugregs", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 128u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
-	X(X86_LAPIC, 0x0107u, "x86.lapic", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 1024u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
-	X(X86_MSRS, 0x0108u, "x86.msrs", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_LINEAR, 0u, 8u, 0u, 4u, 16u, 0u, 0u, 0u, 1024u) \
-	X(X86_VCPU_EVENTS, 0x0109u, "x86.vcpu_events", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 64u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
-	X(X86_TSC_KHZ, 0x010au, "x86.tsc_khz", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 8u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
-	X(X86_PIT2, 0x0180u, "x86.pit2", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 112u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
-	X(X86_CLOCK, 0x0181u, "x86.clock", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 48u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
-	X(X86_PIC, 0x0182u, "x86.pic", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 520u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
-	X(X86_IOAPIC, 0x0183u, "x86.ioapic", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 520u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
-	X(X86_GSI_ROUTING, 0x0184u, "x86.gsi_routing", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_LINEAR, 0u, 8u, 0u, 4u, 48u, 0u, 0u, 0u, 4096u) \
-	X(ARM64_VCPU_INIT, 0x0200u, "arm64.vcpu_init", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 32u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
-	X(ARM64_VCPU_REGS, 0x0201u, "arm64.regs", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_LINEAR, 0u, 8u, 0u, 4u, 24u, 0u, 0u, 0u, 4096u) \
-	X(ARM64_MP_STATE, 0x0202u, "arm64.mp_state", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 8u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
-	X(ARM64_HVF_VCPU, 0x0203u, "arm64.hvf_vcpu", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_OPAQUE, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
-	X(ARM64_GICV3, 0x0280u, "arm64.gicv3", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_LINEAR, 0u, 8u, 0u, 4u, 24u, 0u, 0u, 0u, 131072u) \
-	X(ARM64_GICV2, 0x0281u, "arm64.gicv2", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_LINEAR, 0u, 24u, 0u, 4u, 16u, 0u, 0u, 0u, 16384u) \
-	X(ARM64_GIC_BLOB, 0x0282u, "arm64.gic_blob", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_LINEAR, 0u, 8u, 4u, 4u, 16u, 0u, 4u, 1u, 16384u) \
-	X(VIRTIO_MMIO, 0x0300u, "virtio.mmio", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_OPAQUE, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
-	X(VIRTIOFS_INODE_MAP, 0x0301u, "virtiofs.inode_map", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_OPAQUE, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
-	X(UART_8250, 0x0302u, "uart.8250", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 80u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
-	X(PARENT_REF, 0x0400u, "parent_ref", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_OPAQUE, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u) \
+	X(METADATA, 0x0001u, "metadata", 0, 1, SNAPFMT_SHAPE_OPAQUE, 0u, 0u, 0u, 0) \
+	X(MEMORY_LAYOUT, 0x0002u, "memory_layout", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_OPAQUE, 0u, 0u, 0u, 0) \
+	X(RAM, 0x0003u, "ram", SNAPFMT_SEC_F_CRITICAL|SNAPFMT_SEC_F_BULK, 1, SNAPFMT_SHAPE_NONE, 0u, 0u, 0u, 0) \
+	X(X86_CPUID2, 0x0100u, "x86.cpuid2", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_OPAQUE, 0u, 0u, 5u, 1) \
+	X(X86_MP_STATE, 0x0101u, "x86.mp_state", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 4u, 0u, 0u, 0) \
+	X(X86_REGS, 0x0102u, "x86.regs", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 144u, 0u, 0u, 0) \
+	X(X86_SREGS, 0x0103u, "x86.sregs", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 312u, 0u, 0u, 0) \
+	X(X86_XSAVE, 0x0104u, "x86.xsave", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_OPAQUE, 0u, 5u, 3u, 1) \
+	X(X86_XCRS, 0x0105u, "x86.xcrs", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 392u, 0u, 0u, 0) \
+	X(X86_DEBUGREGS, 0x0106u, "x86.debugregs", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 128u, 0u, 0u, 0) \
+	X(X86_LAPIC, 0x0107u, "x86.lapic", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 1024u, 0u, 0u, 0) \
+	X(X86_MSRS, 0x0108u, "x86.msrs", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_OPAQUE, 0u, 8u, 5u, 1) \
+	X(X86_VCPU_EVENTS, 0x0109u, "x86.vcpu_events", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 64u, 0u, 0u, 0) \
+	X(X86_TSC_KHZ, 0x010au, "x86.tsc_khz", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 8u, 0u, 0u, 0) \
+	X(X86_PIT2, 0x0180u, "x86.pit2", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 112u, 0u, 0u, 0) \
+	X(X86_CLOCK, 0x0181u, "x86.clock", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 48u, 0u, 0u, 0) \
+	X(X86_PIC, 0x0182u, "x86.pic", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 520u, 0u, 0u, 0) \
+	X(X86_IOAPIC, 0x0183u, "x86.ioapic", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 520u, 0u, 0u, 0) \
+	X(X86_GSI_ROUTING, 0x0184u, "x86.gsi_routing", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_OPAQUE, 0u, 13u, 5u, 1) \
+	X(ARM64_VCPU_INIT, 0x0200u, "arm64.vcpu_init", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 32u, 0u, 0u, 0) \
+	X(ARM64_VCPU_REGS, 0x0201u, "arm64.regs", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_OPAQUE, 0u, 18u, 5u, 1) \
+	X(ARM64_MP_STATE, 0x0202u, "arm64.mp_state", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 8u, 0u, 0u, 0) \
+	X(ARM64_HVF_VCPU, 0x0203u, "arm64.hvf_vcpu", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_OPAQUE, 0u, 23u, 9u, 0) \
+	X(ARM64_GICV3, 0x0280u, "arm64.gicv3", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_OPAQUE, 0u, 32u, 5u, 1) \
+	X(ARM64_GICV2, 0x0281u, "arm64.gicv2", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_OPAQUE, 0u, 37u, 5u, 1) \
+	X(ARM64_GIC_BLOB, 0x0282u, "arm64.gic_blob", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_OPAQUE, 0u, 42u, 7u, 1) \
+	X(VIRTIO_MMIO, 0x0300u, "virtio.mmio", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_OPAQUE, 0u, 49u, 9u, 1) \
+	X(VIRTIOFS_INODE_MAP, 0x0301u, "virtiofs.inode_map", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_OPAQUE, 0u, 58u, 14u, 1) \
+	X(UART_8250, 0x0302u, "uart.8250", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_FIXED, 80u, 72u, 2u, 1) \
+	X(PARENT_REF, 0x0400u, "parent_ref", SNAPFMT_SEC_F_CRITICAL, 1, SNAPFMT_SHAPE_OPAQUE, 0u, 74u, 10u, 1) \
 
 /* --- on-disk structs (all integers little-endian) --- */
 

@@ -1124,7 +1124,9 @@ REGS = _kind(
                               _decode_regs),
     annotate_fn=_annotate_regs, check_fn=check_regs,
     extra={"header": OneRegsHeader, "entry": OneReg, "count_field": "count",
-           "entries_field": "regs", "max_count": MAX_ONE_REGS})
+           "entries_field": "regs", "max_count": MAX_ONE_REGS,
+           "length_rule": (("min", 8), ("limit", 0, 4, MAX_ONE_REGS),
+                           ("exact", 8, ((0, 4, 24),)))})
 
 HVF_VCPU = _kind(
     typeids.ARM64_HVF_VCPU, "arm64.hvf_vcpu", SCOPE_VCPU, HvfVcpu,
@@ -1135,7 +1137,11 @@ HVF_VCPU = _kind(
     encode_fn=_encode_counted(HvfVcpu, "arm64.hvf_vcpu",
                               [(a, cf, lim) for a, cf, _, lim in _HVF_ARRAYS], _decode_hvf),
     annotate_fn=_annotate_hvf,
-    extra={"max_counts": {cf: lim for _, cf, _, lim in _HVF_ARRAYS}})
+    extra={"max_counts": {cf: lim for _, cf, _, lim in _HVF_ARRAYS},
+           "length_rule": (("min", 24),) + tuple(("limit", 4 * i, 4, lim) for i, (_, _, _, lim)
+                                                  in enumerate(_HVF_ARRAYS))
+           + (("exact", 24, tuple((4 * i, 4, rec.sizeof()) for i, (_, _, rec, _)
+                                  in enumerate(_HVF_ARRAYS))),)})
 
 GICV3 = _kind(
     typeids.ARM64_GICV3, "arm64.gicv3", SCOPE_VM, GicV3,
@@ -1149,7 +1155,9 @@ GICV3 = _kind(
                               _decode_gicv3),
     annotate_fn=_annotate_gicv3, check_fn=check_gicv3,
     extra={"header": GicAttrsHeader, "entry": GicAttr, "count_field": "count",
-           "entries_field": "regs", "max_count": MAX_GICV3_ATTRS})
+           "entries_field": "regs", "max_count": MAX_GICV3_ATTRS,
+           "length_rule": (("min", 8), ("limit", 0, 4, MAX_GICV3_ATTRS),
+                           ("exact", 8, ((0, 4, 24),)))})
 
 GICV2 = _kind(
     typeids.ARM64_GICV2, "arm64.gicv2", SCOPE_VM, GicV2,
@@ -1161,7 +1169,9 @@ GICV2 = _kind(
                               _decode_gicv2),
     annotate_fn=_annotate_gicv2, check_fn=check_gicv2,
     extra={"header": GicV2Header, "entry": GicV2Attr, "count_field": "count",
-           "entries_field": "regs", "max_count": MAX_GICV2_ATTRS})
+           "entries_field": "regs", "max_count": MAX_GICV2_ATTRS,
+           "length_rule": (("min", 24), ("limit", 0, 4, MAX_GICV2_ATTRS),
+                           ("exact", 24, ((0, 4, 16),)))})
 
 GIC_BLOB = _kind(
     typeids.ARM64_GIC_BLOB, "arm64.gic_blob", SCOPE_VM, GicBlob,
@@ -1170,6 +1180,9 @@ GIC_BLOB = _kind(
     None, "hv_gic_state_get_data",
     decode_fn=_decode_gic_blob, encode_fn=_encode_gic_blob,
     annotate_fn=_annotate_gic_blob, check_fn=check_gic_blob,
-    extra={"max_count": MAX_GIC_ICC, "max_blob": MAX_GIC_BLOB})
+    extra={"max_count": MAX_GIC_ICC, "max_blob": MAX_GIC_BLOB,
+           "length_rule": (("min", 8), ("limit", 4, 4, MAX_GIC_ICC),
+                           ("limit", 0, 4, MAX_GIC_BLOB),
+                           ("exact", 8, ((4, 4, 16), (0, 4, 1))))})
 
 del _n, _name

@@ -167,17 +167,191 @@ def kind_shape(kind) -> dict:
 
 
 def _checked_at_open(kind, shape: dict) -> bool:
-    """Whether the Python reader checks this kind's length at open (rule 20).
+    """Whether the Python reader checks this kind's FIXED size at open (rule 20).
 
     Mirrors ``container._section_problem``: a fixed size is enforced when the
-    kind has no custom decoder; a variable layout only when the kind has a
-    ``check_fn`` (the C reader then checks the linear count formula).
+    kind has no custom decoder.  Variable layouts are checked at open through
+    their length rule (see :func:`length_rule`), only when the kind has a
+    ``check_fn`` (which the rule is a faithful prefix of).
     """
     if shape["shape"] == "fixed":
         return kind.decode_fn is None
-    if shape["shape"] == "linear":
-        return kind.check_fn is not None
     return False
+
+
+# --- length rules (rule 20): extra["length_rule"] of a kind ------------------------
+#
+# A kind's rule is a tuple of steps, applied in order; the first failing step
+# decides the error, exactly like the kind's Python check_fn (of which the rule
+# is a faithful prefix: every step is a check the check_fn makes, in the same
+# order, so a rule failure is always the check_fn's failure too).  Steps:
+#
+#   ("min", N)                 len < N                        -> bad-length
+#   ("max", N)                 len > N                        -> bad-length
+#   ("multiple", N)            len % N != 0                   -> bad-length
+#   ("limit", off, w, MAX)     uint at [off, off+w) > MAX     -> limit
+#   ("value_max", off, w, MAX) uint at [off, off+w) > MAX     -> bad-value
+#   ("value_in", off, w, VALS) uint not in VALS (<= 3 values) -> bad-value
+#   ("exact", BASE, TERMS)     len != BASE + sum(term)        -> bad-length
+#   ("atleast", BASE, TERMS)   len <  BASE + sum(term)        -> bad-length
+#        TERMS: (off, w, elem[, align]): roundup(count * elem, align), count the
+#        uint at [off, off+w)
+#   ("strtab", BASE, LEN_OFF, ARRAYS)
+#        canonical string table: ARRAYS = ((count_off, w, rec_size, str_off, str_len)
+#        ...) laid out back to back from BASE (str_off/str_len: u32 fields inside a
+#        record holding a string, or None), the string table right after them.
+#        Walking every string record in order: str_off != running sum of the
+#        lengths before it -> bad-offset; then the sum != the u32 at LEN_OFF ->
+#        bad-length; then a non-zero byte in the padding to 8 -> bad-value.
+#
+# Field reads must lie inside the length a preceding "min" proved.  The C reader
+# enforces the rule at open when the kind has a check_fn (as Python does) and on
+# demand through snapfmt_section_check() for the others (Python: at decode).
+
+RULE_OPS = {"min": 1, "max": 2, "multiple": 3, "limit": 4, "value_max": 5, "value_in": 6,
+            "sum_base": 7, "sum_add": 8, "len_eq_sum": 9, "len_ge_sum": 10, "strtab": 11,
+            "str_array": 12}
+STR_NONE = 0xFFFF
+
+
+def length_rule(kind) -> tuple:
+    return tuple(kind.extra.get("length_rule", ()))
+
+
+def _field_ok(w) -> bool:
+    return w in (1, 2, 4, 8)
+
+
+def compile_rule(kind) -> list[tuple]:
+    """Rows (op, width, off, a, b, c) of a kind's length rule, validated."""
+    rows, proven = [], 0
+    fixed = kind.fixed_size if kind.decode_fn is None else None
+    if fixed is not None:
+        proven = fixed
+
+    def need(off, w, what):
+        if not _field_ok(w) or off + w > proven:
+            raise RuntimeError(f"{kind.name}: length rule reads {what} [{off}, +{w}) before a "
+                               f"'min' step proved {off + w} bytes")
+
+    for step in length_rule(kind):
+        op = step[0]
+        if op in ("min", "max", "multiple"):
+            if op == "min":
+                proven = max(proven, step[1])
+            if op == "multiple" and step[1] <= 0:
+                raise RuntimeError(f"{kind.name}: multiple of {step[1]}")
+            rows.append((RULE_OPS[op], 0, 0, step[1], 0, 0))
+        elif op in ("limit", "value_max"):
+            _, off, w, mx = step
+            need(off, w, op)
+            rows.append((RULE_OPS[op], w, off, mx, 0, 0))
+        elif op == "value_in":
+            _, off, w, vals = step
+            need(off, w, op)
+            vals = tuple(vals)
+            if not 1 <= len(vals) <= 3:
+                raise RuntimeError(f"{kind.name}: value_in takes 1-3 values")
+            vals = vals + (vals[-1],) * (3 - len(vals))
+            rows.append((RULE_OPS[op], w, off) + vals)
+        elif op in ("exact", "atleast"):
+            _, base, terms = step
+            rows.append((RULE_OPS["sum_base"], 0, 0, base, 0, 0))
+            for t in terms:
+                off, w, elem = t[:3]
+                align = t[3] if len(t) > 3 else 1
+                need(off, w, "a count")
+                if align & (align - 1) or elem <= 0:
+                    raise RuntimeError(f"{kind.name}: bad term {t}")
+                rows.append((RULE_OPS["sum_add"], w, off, elem, align, 0))
+            rows.append((RULE_OPS["len_eq_sum" if op == "exact" else "len_ge_sum"],
+                         0, 0, 0, 0, 0))
+        elif op == "strtab":
+            _, base, len_off, arrays = step
+            need(len_off, 4, "strtab_len")
+            rows.append((RULE_OPS["strtab"], 4, len_off, base, len(arrays), 0))
+            for cnt_off, w, rec, so, sl in arrays:
+                need(cnt_off, w, "a count")
+                if (so is None) != (sl is None) or (so is not None and
+                                                    (so + 4 > rec or sl + 4 > rec)):
+                    raise RuntimeError(f"{kind.name}: bad string fields in {arrays}")
+                rows.append((RULE_OPS["str_array"], w, cnt_off, rec,
+                             STR_NONE if so is None else so, STR_NONE if sl is None else sl))
+        else:
+            raise RuntimeError(f"{kind.name}: unknown length rule step {op!r}")
+    return rows
+
+
+def rule_at_open(kind) -> bool:
+    """The C reader applies the rule at open exactly when Python runs check_fn there."""
+    return bool(length_rule(kind)) and kind.check_fn is not None
+
+
+def apply_rule(kind, buf) -> str | None:
+    """Python reference interpreter of a kind's rule: the error code or None."""
+    buf = bytes(buf)
+    n = len(buf)
+
+    def u(off, w):
+        return int.from_bytes(buf[off:off + w], "little")
+    for step in length_rule(kind):
+        op = step[0]
+        if op == "min" and n < step[1] or op == "max" and n > step[1] \
+                or op == "multiple" and n % step[1]:
+            return "bad-length"
+        if op == "limit" and u(step[1], step[2]) > step[3]:
+            return "limit"
+        if op == "value_max" and u(step[1], step[2]) > step[3]:
+            return "bad-value"
+        if op == "value_in" and u(step[1], step[2]) not in tuple(step[3]):
+            return "bad-value"
+        if op in ("exact", "atleast"):
+            want = step[1]
+            for t in step[2]:
+                al = t[3] if len(t) > 3 else 1
+                want += -(-(u(t[0], t[1]) * t[2]) // al) * al
+            if (n != want) if op == "exact" else (n < want):
+                return "bad-length"
+        if op == "strtab":
+            _, base, len_off, arrays = step
+            pos, run, strs = base, 0, []
+            for cnt_off, w, rec, so, sl in arrays:
+                cnt = u(cnt_off, w)
+                if so is not None:
+                    strs += [(pos + i * rec + so, pos + i * rec + sl) for i in range(cnt)]
+                pos += cnt * rec
+            for so, sl in strs:
+                if u(so, 4) != run:
+                    return "bad-offset"
+                run += u(sl, 4)
+            slen = u(len_off, 4)
+            if run != slen:
+                return "bad-length"
+            if any(buf[pos + slen:]):
+                return "bad-value"
+    return None
+
+
+def describe_rule(kind) -> str:
+    """Human form of a kind's rule for spec/tables.md."""
+    out = []
+    for step in length_rule(kind):
+        op = step[0]
+        if op in ("min", "max", "multiple"):
+            out.append(f"{op} {step[1]}")
+        elif op in ("limit", "value_max"):
+            out.append(f"{op} u{8 * step[2]}@{step[1]} <= {step[3]}")
+        elif op == "value_in":
+            out.append(f"u{8 * step[2]}@{step[1]} in {{{', '.join(map(str, step[3]))}}}")
+        elif op in ("exact", "atleast"):
+            terms = " + ".join(
+                (f"align{t[3]}(u{8 * t[1]}@{t[0]} * {t[2]})" if len(t) > 3 and t[3] > 1
+                 else f"u{8 * t[1]}@{t[0]} * {t[2]}") for t in step[2])
+            out.append(f"length {'==' if op == 'exact' else '>='} {step[1]}"
+                       + (f" + {terms}" if terms else ""))
+        elif op == "strtab":
+            out.append(f"canonical string table (length u32@{step[2]}, zero padding to 8)")
+    return "; ".join(out)
 
 
 def kinds() -> list:
@@ -340,33 +514,69 @@ def render_header() -> str:
         o.append(f"#define SNAPFMT_SEC_{_ident(k)} 0x{k.type_id:04x}u /* {k.name} */")
     o += ["",
           "/* Length shapes, as the reader checks them at open (rule 20; same policy as",
-          " * snapfmt/container.py): FIXED length == fixed_size; LINEAR length ==",
-          " * prefix + count1 * elem1 (+ count2 * elem2), counts read (little-endian,",
-          " * cnt*_size bytes) at cnt*_off; OPAQUE not checked at open (the Python",
-          " * decoder checks it when the fields are read); fixed_size is still given",
-          " * when the declaration has one;",
-          " * NONE raw bytes. */",
+          " * snapfmt/container.py): FIXED length == fixed_size; OPAQUE no fixed size",
+          " * checked at open (the kind's length rule below may still apply); NONE raw",
+          " * bytes. */",
           "#define SNAPFMT_SHAPE_NONE 0", "#define SNAPFMT_SHAPE_FIXED 1",
-          "#define SNAPFMT_SHAPE_LINEAR 2", "#define SNAPFMT_SHAPE_OPAQUE 3",
-          "/* X(ident, type, name, default_flags, version, shape, fixed_size, prefix,",
-          " *   cnt1_off, cnt1_size, elem1, cnt2_off, cnt2_size, elem2, max_count1);",
-          " * max_count1 (0 = none): count 1 above it is SNAPFMT_ERR_LIMIT, checked",
-          " * before the length (extra['max_count'] of the kind). */",
+          "#define SNAPFMT_SHAPE_OPAQUE 3",
+          "",
+          "/* Length rules (extra['length_rule'] of a kind, snapfmt/codegen.py): a",
+          " * list of steps applied in order after the fixed-size check, the first",
+          " * failing one deciding the error, in the order of the kind's Python",
+          " * check_fn.  Row X(op, width, off, a, b, c); 'field' = the little-endian",
+          " * uint of `width` bytes at `off` (inside the length a MIN step proved):",
+          " *   MIN a / MAX a / MULTIPLE a   length < a / > a / % a != 0: BADLENGTH",
+          " *   LIMIT a                      field > a: LIMIT",
+          " *   VALUE_MAX a                  field > a: BADVALUE",
+          " *   VALUE_IN a b c               field not in {a, b, c}: BADVALUE",
+          " *   SUM_BASE a                   sum = a",
+          " *   SUM_ADD a b                  sum += roundup(field * a, b)",
+          " *   LEN_EQ_SUM / LEN_GE_SUM      length != sum / < sum: BADLENGTH",
+          " *   STRTAB a b                   canonical string table; field = its length;",
+          " *                                b STR_ARRAY rows follow, records back to",
+          " *                                back from offset a, the table after them",
+          " *   STR_ARRAY a b c              field = record count, a = record size, b/c =",
+          " *                                offsets of the u32 str_off/str_len in a",
+          " *                                record (SNAPFMT_RULE_STR_NONE: no string)",
+          " * STRTAB: a str_off != the sum of the lengths before it: BADOFFSET; the sum",
+          " * != the table length: BADLENGTH; a non-zero padding byte: BADVALUE. */"]
+    for name, v in RULE_OPS.items():
+        o.append(f"#define SNAPFMT_RULE_{name.upper()} {v}")
+    o.append(f"#define SNAPFMT_RULE_STR_NONE 0x{STR_NONE:x}u")
+    o.append("#define SNAPFMT_LENGTH_RULE_ROWS(X) \\")
+    first: dict[int, tuple[int, int]] = {}
+    nrows = 0
+    for k in ks:
+        rows = compile_rule(k)
+        if not rows:
+            continue
+        first[k.type_id] = (nrows, len(rows))
+        o.append(f"\t/* {nrows}: {k.name} */ \\")
+        for op, w, off, a1, b1, c1 in rows:
+            opn = [n for n, v in RULE_OPS.items() if v == op][0].upper()
+            o.append(f"\tX(SNAPFMT_RULE_{opn}, {w}u, {off}u, {a1}ull, {b1}ull, {c1}ull) \\")
+        nrows += len(rows)
+    o.append("")
+    o.append(f"#define SNAPFMT_LENGTH_RULE_ROW_COUNT {nrows}")
+    o += ["",
+          "/* X(ident, type, name, default_flags, version, shape, fixed_size, rule_first,",
+          " *   rule_count, rule_at_open): rule rows [rule_first, +rule_count) of",
+          " * SNAPFMT_LENGTH_RULE_ROWS; rule_at_open 1 when the reader applies them at",
+          " * open (the kind has a Python check_fn), else only snapfmt_section_check()",
+          " * (Python: when the section is decoded). */",
           "#define SNAPFMT_SECTION_KINDS(X) \\"]
     for k in ks:
         flags = (["SNAPFMT_SEC_F_CRITICAL"] if k.critical else []) + \
                 (["SNAPFMT_SEC_F_BULK"] if k.bulk else [])
         sh = kind_shape(k)
         fixed = sh.get("size", 0)
-        if not _checked_at_open(k, sh):
-            sh = dict(sh, shape="opaque")
-        prefix = sh.get("prefix", 0)
-        t = list(sh.get("terms", [])) + [(None, 0, 0, 0)] * 2
-        shape = "SNAPFMT_SHAPE_" + sh["shape"].upper()
+        shape = sh["shape"]
+        if shape == "linear" or (shape == "fixed" and not _checked_at_open(k, sh)):
+            shape = "opaque"
+        rf, rn = first.get(k.type_id, (0, 0))
         o.append(f'\tX({_ident(k)}, 0x{k.type_id:04x}u, "{k.name}", '
-                 f'{"|".join(flags) or "0"}, {k.version}, {shape}, {fixed}u, {prefix}u, '
-                 f'{t[0][1]}u, {t[0][2]}u, {t[0][3]}u, {t[1][1]}u, {t[1][2]}u, {t[1][3]}u, '
-                 f'{int(k.extra.get("max_count", 0)) if sh["shape"] == "linear" else 0}u) \\')
+                 f'{"|".join(flags) or "0"}, {k.version}, SNAPFMT_SHAPE_{shape.upper()}, '
+                 f'{fixed}u, {rf}u, {rn}u, {int(rule_at_open(k))}) \\')
     o.append("")
     o += ["/* --- on-disk structs (all integers little-endian) --- */", ""]
     o += _struct_c("snapfmt_header", hdr, f"File header at offset 0 ({L.HEADER_SIZE} bytes in v1.0; "
@@ -456,6 +666,14 @@ def render_tables() -> str:
                      k.doc.split("\n")[0]])
     o += _md_table(["id", "name", "scope", "arch", "default flags", "version", "size",
                     "kernel struct", "description"], rows)
+    o += ["", "## Length rules (rule 20)", "",
+          "Checked by both readers in this order (after the CRC and the fixed size); "
+          "`uN@off` is the little-endian field at that offset of the section.  "
+          "\"at open\": applied when the file is opened, else when the section is decoded "
+          "(C: `snapfmt_section_check()`).", ""]
+    o += _md_table(["name", "at open", "rule"],
+                   [[f"`{k.name}`", "yes" if rule_at_open(k) else "decode", describe_rule(k)]
+                    for k in ks if length_rule(k)])
     for k in ks:
         if k.decl is None:
             continue

@@ -428,7 +428,15 @@ VIRTIO_MMIO_KIND = register(SectionKind(
     annotate_fn=_annotate_virtio_mmio, check_fn=check_virtio_mmio,
     extra={"header": VirtioMmioHeader, "shm": VirtioShmRegion, "queue": VirtioQueue,
            "max_queues": MAX_QUEUES, "max_shm": MAX_SHM_REGIONS,
-           "max_config": MAX_CONFIG_LEN}))
+           "max_config": MAX_CONFIG_LEN,
+           "length_rule": (
+               ("min", HEADER_SIZE),
+               ("limit", _HDR_OFF["config_len"], 4, MAX_CONFIG_LEN),
+               ("limit", _HDR_OFF["shm_count"], 4, MAX_SHM_REGIONS),
+               ("limit", _HDR_OFF["queue_count"], 4, MAX_QUEUES),
+               ("exact", HEADER_SIZE, ((_HDR_OFF["config_len"], 4, 1, 8),
+                                       (_HDR_OFF["shm_count"], 4, SHM_SIZE),
+                                       (_HDR_OFF["queue_count"], 4, QUEUE_SIZE))))}))
 
 GSI_ROUTING_KIND = register(SectionKind(
     typeids.X86_GSI_ROUTING, GSI, SCOPE_VM, KvmIrqRouting,
@@ -438,7 +446,9 @@ GSI_ROUTING_KIND = register(SectionKind(
     annotate_fn=_annotate_gsi_routing, check_fn=check_gsi_routing,
     extra={"header": KvmIrqRoutingHeader, "entry_struct": "struct kvm_irq_routing_entry",
            "count_field": "nr", "entries_field": "entries", "max_count": KVM_MAX_IRQ_ROUTES,
-           "entry_size": ROUTING_ENTRY_SIZE}))
+           "entry_size": ROUTING_ENTRY_SIZE,
+           "length_rule": (("min", 8), ("limit", 0, 4, KVM_MAX_IRQ_ROUTES),
+                           ("exact", 8, ((0, 4, ROUTING_ENTRY_SIZE),)))}))
 
 
 # ---------------------------------------------------------------------------

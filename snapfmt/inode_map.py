@@ -390,7 +390,21 @@ INODE_MAP_KIND = register(SectionKind(
     decode_fn=decode_inode_map, encode_fn=encode_inode_map, annotate_fn=_annotate_inode_map,
     check_fn=check_inode_map,
     extra={"header": InodeMapHeader, "entry": InodeEntry, "handle": HandleRecord,
-           "mount": MountRecord, "max_entries": MAX_ENTRIES}))
+           "mount": MountRecord, "max_entries": MAX_ENTRIES,
+           "length_rule": (
+               ("min", HEADER_SIZE),
+               ("limit", _HDR_OFF["entry_count"], 4, MAX_ENTRIES),
+               ("limit", _HDR_OFF["handle_count"], 4, MAX_HANDLES),
+               ("limit", _HDR_OFF["mount_count"], 4, MAX_MOUNTS),
+               ("exact", HEADER_SIZE, ((_HDR_OFF["entry_count"], 4, ENTRY_SIZE),
+                                       (_HDR_OFF["handle_count"], 4, HANDLE_SIZE),
+                                       (_HDR_OFF["mount_count"], 4, MOUNT_SIZE),
+                                       (_HDR_OFF["strtab_len"], 4, 1, 8))),
+               ("strtab", HEADER_SIZE, _HDR_OFF["strtab_len"],
+                ((_HDR_OFF["entry_count"], 4, ENTRY_SIZE, _ENT_OFF["name_off"],
+                  _ENT_OFF["name_len"]),
+                 (_HDR_OFF["handle_count"], 4, HANDLE_SIZE, None, None),
+                 (_HDR_OFF["mount_count"], 4, MOUNT_SIZE, 8, 12))))}))
 
 
 # ---------------------------------------------------------------------------

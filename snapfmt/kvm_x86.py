@@ -930,7 +930,9 @@ CPUID2 = _kind(
     annotate_fn=_annotate_cpuid2, check_fn=check_cpuid2,
     extra={"header": KvmCpuid2Header, "entry": KvmCpuidEntry2,
            "entry_struct": "struct kvm_cpuid_entry2", "count_field": "nent",
-           "entries_field": "entries", "max_count": MAX_CPUID_ENTRIES})
+           "entries_field": "entries", "max_count": MAX_CPUID_ENTRIES,
+           "length_rule": (("min", 8), ("limit", 0, 4, MAX_CPUID_ENTRIES),
+                           ("exact", 8, ((0, 4, 40),)))})
 
 MP_STATE = _kind(
     typeids.X86_MP_STATE, "x86.mp_state", SCOPE_VCPU, KvmMpState,
@@ -953,7 +955,9 @@ XSAVE = _kind(
     "struct kvm_xsave", "KVM_GET_XSAVE2",
     decode_fn=_decode_with(KvmXsave, check_xsave, "x86.xsave"), encode_fn=_encode_xsave,
     annotate_fn=_annotate_xsave, check_fn=check_xsave,
-    extra={"header": KvmXsaveLegacy, "min_size": XSAVE_LEGACY_SIZE})
+    extra={"header": KvmXsaveLegacy, "min_size": XSAVE_LEGACY_SIZE,
+           "length_rule": (("min", XSAVE_LEGACY_SIZE), ("multiple", 4),
+                           ("max", MAX_XSAVE_SIZE))})
 
 XCRS = _kind(
     typeids.X86_XCRS, "x86.xcrs", SCOPE_VCPU, KvmXcrs,
@@ -979,7 +983,9 @@ MSRS = _kind(
     annotate_fn=_annotate_msrs, check_fn=check_msrs,
     extra={"header": KvmMsrsHeader, "entry": KvmMsrEntry,
            "entry_struct": "struct kvm_msr_entry", "count_field": "nmsrs",
-           "entries_field": "entries", "max_count": MAX_MSR_ENTRIES})
+           "entries_field": "entries", "max_count": MAX_MSR_ENTRIES,
+           "length_rule": (("min", 8), ("limit", 0, 4, MAX_MSR_ENTRIES),
+                           ("exact", 8, ((0, 4, 16),)))})
 
 VCPU_EVENTS = _kind(
     typeids.X86_VCPU_EVENTS, "x86.vcpu_events", SCOPE_VCPU, KvmVcpuEvents,

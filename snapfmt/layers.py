@@ -254,7 +254,14 @@ PARENT_REF_KIND = register(SectionKind(
     "Diff layer: content digest and name hint of the parent snapshot, one dirty-page bitmap "
     "per RAM blob (the layer's RAM sections hold only the dirty pages, in bitmap order).",
     decode_fn=decode_parent_ref, encode_fn=encode_parent_ref, annotate_fn=_annotate_parent_ref,
-    check_fn=check_parent_ref))
+    check_fn=check_parent_ref,
+    # the prefix of parse() a table can express (per-blob checks and the bitmap
+    # sizes follow in Python only)
+    extra={"length_rule": (("min", HEADER_SIZE), ("value_in", 0, 4, tuple(DIGEST_ALGS)),
+                           ("value_in", 4, 4, (0,)), ("value_in", 28, 4, (0,)),
+                           ("value_in", 8, 4, tuple(L.PAGE_SIZES)),
+                           ("limit", 12, 4, MAX_BLOBS), ("limit", 24, 4, MAX_NAME_LEN),
+                           ("atleast", HEADER_SIZE, ((12, 4, BLOB_SIZE),)))}))
 
 
 # ------------------------------------------------------------------ digests

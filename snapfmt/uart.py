@@ -58,4 +58,6 @@ def _annotate_uart(f: dict) -> dict:
 UART_8250 = register(SectionKind(
     typeids.UART_8250, "uart.8250", SCOPE_DEVICE, Uart8250,
     "Emulated 8250/16550A UART registers and receive FIFO (struct uart_state v1).",
-    annotate_fn=_annotate_uart, check_fn=_check_uart))
+    annotate_fn=_annotate_uart, check_fn=_check_uart,
+    extra={"length_rule": (("value_max", 11, 1, UART_FIFO_SIZE - 1),
+                           ("value_max", 12, 1, UART_FIFO_SIZE))}))
