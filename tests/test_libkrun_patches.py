@@ -31,8 +31,18 @@ def run_tool(*args: str) -> subprocess.CompletedProcess:
 def test_series_passes_no_checkout_checks():
     r = run_tool()
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "OK: 6 patches" in r.stdout
+    assert "OK: 7 patches" in r.stdout
     assert "C API: 2 prototype(s) compile" in r.stdout
+    # the restore contract of the shim is bound (snapfmt_kvm_restore_ram refuses readers
+    # not opened with snapfmt_kvm_open)
+    for fn in ("snapfmt_kvm_open", "snapfmt_kvm_close", "snapfmt_kvm_seal",
+               "snapfmt_kvm_save_metadata", "snapfmt_kvm_last_error", "snapfmt_kvm_last_note"):
+        assert fn in r.stdout, fn
+    if shutil.which("rustc"):
+        # QUIESCED rule (posted receive buffers) and the seal/open contract, unit-tested
+        assert "snapshot_state.rs: compiled with rustc, 5 unit test(s) passed" in r.stdout
+        assert "snapfmt.rs (linked with the shim): compiled with rustc, 4 unit" in r.stdout
+        assert "stubbed" not in r.stdout
 
 
 def _broken_copy(tmp_path: Path) -> Path:
@@ -43,9 +53,12 @@ def _broken_copy(tmp_path: Path) -> Path:
                           if not line.startswith("Signed-off-by:")))
     p3 = next(d.glob("0003-*.patch"))
     t = p3.read_text()
-    assert "+    fn snapfmt_close(r: *mut RawReader);\n" in t
-    p3.write_text(t.replace("+    fn snapfmt_close(r: *mut RawReader);\n",
-                            "+    fn snapfmt_close(r: *mut RawReader, flags: c_int);\n"))
+    assert "+    fn snapfmt_kvm_close(r: *mut RawReader);\n" in t
+    t = t.replace("+    fn snapfmt_kvm_close(r: *mut RawReader);\n",
+                  "+    fn snapfmt_kvm_close(r: *mut RawReader, flags: c_int);\n")
+    t = t.replace("+    fn snapfmt_kvm_seal(path: *const c_char) -> c_int;\n",
+                  "+    fn snapfmt_kvm_sealed(path: *const c_char) -> c_int;\n")
+    p3.write_text(t)
     p5 = next(d.glob("0005-*.patch"))
     t = p5.read_text()
     p5.write_text(t.replace("+int32_t krun_restore(uint32_t ctx_id, const char *path);",
@@ -58,7 +71,8 @@ def test_checker_reports_broken_series(tmp_path):
     assert r.returncode == 1
     err = r.stderr
     assert "0002-" in err and "no Signed-off-by" in err
-    assert "snapfmt_close takes 2 argument(s), the C header declares 1" in err
+    assert "snapfmt_kvm_close takes 2 argument(s), the C header declares 1" in err
+    assert "snapfmt_kvm_sealed is not declared in shim/snapfmt.h" in err
     assert "C API declarations do not compile" in err
 
 
@@ -79,5 +93,5 @@ def test_series_applies_on_pinned_commit():
                     "/work/.mirror/A3S-Lab+libkrun*/repo): full git apply/am check skipped")
     r = run_tool("--libkrun", d, "--no-rust")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "git apply --check: all 6 patches apply in order" in r.stdout
-    assert "git am: 6 commits" in r.stdout
+    assert "git apply --check: all 7 patches apply in order" in r.stdout
+    assert "git am: 7 commits" in r.stdout
