@@ -628,10 +628,10 @@ int snapfmt_kvm_seal(const char *path)
 	return err;
 }
 
-/* Readers opened by snapfmt_kvm_open: the fd we opened and its identity. */
+/* Readers opened by snapfmt_kvm_open and the identity of their file at open
+ * (the file itself is the reader's fd, snapfmt_reader_fd()). */
 struct opened {
 	const struct snapfmt_reader *r;
-	int fd;
 	struct stat st;
 	struct opened *next;
 };
@@ -707,7 +707,10 @@ int snapfmt_kvm_open(const char *path, unsigned flags, struct snapfmt_reader **o
 			err_msg(0, "%s: %s", path, snapfmt_strerror(err));
 		goto fail;
 	}
-	if ((err = check_file(fd, *out, &o->st))) {
+	/* the reader holds its own fd of the same inode: ours is not needed */
+	close(fd);
+	fd = -1;
+	if ((err = check_file(snapfmt_reader_fd(*out), *out, &o->st))) {
 		char m[sizeof(t_last_error)];
 
 		snprintf(m, sizeof(m), "%s", t_last_error);
@@ -717,14 +720,14 @@ int snapfmt_kvm_open(const char *path, unsigned flags, struct snapfmt_reader **o
 		goto fail;
 	}
 	o->r = *out;
-	o->fd = fd;
 	pthread_mutex_lock(&opened_lock);
 	o->next = opened_list;
 	opened_list = o;
 	pthread_mutex_unlock(&opened_lock);
 	return 0;
 fail:
-	close(fd);
+	if (fd >= 0)
+		close(fd);
 	free(o);
 	return err;
 }
@@ -743,10 +746,7 @@ void snapfmt_kvm_close(struct snapfmt_reader *r)
 			break;
 		}
 	pthread_mutex_unlock(&opened_lock);
-	if (o) {
-		close(o->fd);
-		free(o);
-	}
+	free(o);
 	snapfmt_close(r);
 }
 
@@ -760,7 +760,7 @@ static int recheck(const struct snapfmt_reader *r)
 	for (struct opened *o = opened_list; o; o = o->next)
 		if (o->r == r) {
 			found = 1;
-			err = check_file(o->fd, r, &o->st);
+			err = check_file(snapfmt_reader_fd(r), r, &o->st);
 			break;
 		}
 	pthread_mutex_unlock(&opened_lock);

@@ -67,7 +67,17 @@ static void exercise(const uint8_t *data, size_t size)
 		/* touch every byte the reader hands out */
 		sum += snapfmt_crc32c(0, s.data, s.length) == s.crc;
 		(void)snapfmt_type_name(s.type);
+		/* the whole length rule on demand: opened sections whose kind the
+		   reader checks at open must pass it again */
+		err = snapfmt_section_check(&s);
+		if (err && err != SNAPFMT_ERR_BADLENGTH && err != SNAPFMT_ERR_LIMIT &&
+		    err != SNAPFMT_ERR_BADVALUE && err != SNAPFMT_ERR_BADOFFSET)
+			abort();
+		if (err && s.type != SNAPFMT_SEC_ARM64_HVF_VCPU)
+			abort();
 	}
+	if (snapfmt_reader_fd(r) != -1)
+		abort();
 	(void)snapfmt_verify_bulk(r, NULL);
 	if (snapfmt_map_ram(r, 0, NULL, 1, &(void *){ NULL }, NULL) != SNAPFMT_ERR_INVAL)
 		abort();
