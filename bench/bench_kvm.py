@@ -8,9 +8,14 @@
    --runs restores (snapvm fork 1 --iters N), and spawn -> PONG of a fresh
    `snapvm restore` process (the same span QEMU's number covers), vs QEMU
    -incoming (tools/qemu_peer.py, same guest, same RAM size), same run;
-2. fork fan-out N children from one file: per-child restore cost vs the KVM
-   floor (open /dev/kvm + CREATE_VM + map + SET_USER_MEMORY_REGION +
-   CREATE_VCPU, `snapvm floor N`) measured in the same run;
+2. fork fan-out N children from one file (the parent opens + verifies it
+   once, children only restore): per-child restore cost vs the KVM floor
+   (open /dev/kvm + CREATE_VM + map + SET_USER_MEMORY_REGION + CREATE_VCPU,
+   `snapvm floor N`) and vs the "config floor" (the same + TSS/identity map +
+   CREATE_IRQCHIP + CREATE_PIT2 + kvm_run mapping, unavoidable for this VM
+   configuration but not in the issue's floor), both measured in the same
+   run; the shim's share per child (its open/verify amortised over the
+   children + the state SET ioctls) over each floor;
 3. snapshot write: time and bytes (file size, disk use, non-zero guest RAM)
    vs QEMU `migrate` to a file;
 4. KVM_SET_USER_MEMORY_REGION cost by RAM size, before and after
@@ -181,15 +186,22 @@ def main(argv=None):
         # ---- 2. fan-out vs floor
         fan = {}
         for n in [int(x) for x in a.fanout.split(",") if x]:
-            out = run([SNAPVM, "fork", str(n), "--comp", "1", "--timeout", "300", snap], timeout=600)
-            fl = run([SNAPVM, "floor", str(n), snap], timeout=300)
+            iters = str(max(1, 20 // n))      # >= 20 samples for small N
+            out = run([SNAPVM, "fork", str(n), "--iters", iters, "--comp", "1", "--timeout", "300",
+                       snap], timeout=900)
+            fl = run([SNAPVM, "floor", str(n), "--iters", iters, snap], timeout=300)
+            m = re.search(r"open\+verify snapshot once in the parent: ([\d.]+) ms "
+                          r"\(([\d.]+) ms per child\)", out)
             fan[n] = {"restore_total_ms": stat_line(out, "restore total"),
                       "open_to_pong_ms": stat_line(out, "open(snapshot) -> PONG"),
                       "create_ms": stat_line(out, "create VM+vCPU"),
                       "mem_ms": stat_line(out, "map+memory region"),
                       "state_ms": stat_line(out, "restore state"),
                       "check_ms": stat_line(out, "open+check snapshot"),
-                      "floor_ms": stat_line(fl, "floor (create+map+region)")}
+                      "parent_open_ms": float(m.group(1)) if m else 0.0,
+                      "open_per_child_ms": float(m.group(2)) if m else 0.0,
+                      "floor_ms": stat_line(fl, "floor (create+map+region)"),
+                      "config_floor_ms": stat_line(fl, "config floor (+irqchip+pit)")}
         res["fanout"] = fan
 
         # ---- 4. SET_USER_MEMORY_REGION by size, before/after the irqchip
@@ -218,17 +230,26 @@ def main(argv=None):
     res["ratio_qemu_vs_spawn_to_pong"] = qr / res["restore_spawn_to_pong_ms"]
     print(f"  ratio QEMU / snapvm: {res['ratio_qemu_vs_open_to_pong']:.1f}x (open->PONG), "
           f"{res['ratio_qemu_vs_spawn_to_pong']:.1f}x (spawn->PONG)   target >= 8x, < 10 ms")
-    print("fork fan-out (per child, median; floor = open /dev/kvm + CREATE_VM + map + "
-          "SET_USER_MEMORY_REGION + CREATE_VCPU alone, same N concurrent):")
+    print("fork fan-out (per child, median; snapshot opened + verified once in the parent;\n"
+          "  floor = open /dev/kvm + CREATE_VM + map + SET_USER_MEMORY_REGION + CREATE_VCPU alone;\n"
+          "  config floor = floor + TSS/identity map + CREATE_IRQCHIP + CREATE_PIT2 + kvm_run "
+          "mapping; same N concurrent; shim = open/verify per child + state SET ioctls)   "
+          "target: shim < 20% of the floor")
     for n, f in res["fanout"].items():
+        f["irqchip_pit_ms"] = f["config_floor_ms"] - f["floor_ms"]
+        f["shim_ms"] = f["check_ms"] + f["open_per_child_ms"] + f["state_ms"]
         f["overhead_vs_floor"] = f["restore_total_ms"] / f["floor_ms"] - 1
-        # what the shim itself adds: open+check of the file and the state ioctls
-        # (the rest of "create" is the VMM's irqchip + PIT + run mapping)
-        f["shim_overhead_vs_floor"] = (f["check_ms"] + f["state_ms"]) / f["floor_ms"]
-        print(f"  N={n:<4} restore {f['restore_total_ms']:7.3f} ms (check {f['check_ms']:.3f}, create "
-              f"{f['create_ms']:.3f}, mem {f['mem_ms']:.3f}, state {f['state_ms']:.3f})  floor "
-              f"{f['floor_ms']:7.3f} ms  => +{100 * f['overhead_vs_floor']:.0f}% over the floor (shim part "
-              f"check+state +{100 * f['shim_overhead_vs_floor']:.0f}%); "
+        f["overhead_vs_config_floor"] = f["restore_total_ms"] / f["config_floor_ms"] - 1
+        f["shim_share_vs_floor"] = f["shim_ms"] / f["floor_ms"]
+        f["shim_share_vs_config_floor"] = f["shim_ms"] / f["config_floor_ms"]
+        print(f"  N={n:<4} floor {f['floor_ms']:7.3f} ms  config floor {f['config_floor_ms']:7.3f} ms "
+              f"(irqchip/PIT {f['irqchip_pit_ms']:+.3f})  per-child {f['restore_total_ms']:7.3f} ms "
+              f"(create {f['create_ms']:.3f}, mem {f['mem_ms']:.3f}, state {f['state_ms']:.3f}, "
+              f"check {f['check_ms']:.3f} + parent open {f['parent_open_ms']:.3f}/N)")
+        print(f"         per-child total +{100 * f['overhead_vs_floor']:.0f}% over floor, "
+              f"{100 * f['overhead_vs_config_floor']:+.0f}% over config floor;  shim "
+              f"{f['shim_ms']:.3f} ms = {100 * f['shim_share_vs_floor']:.1f}% of floor, "
+              f"{100 * f['shim_share_vs_config_floor']:.1f}% of config floor;  "
               f"open->PONG {f['open_to_pong_ms']:.3f} ms")
     sw, qs = res["snapshot_write_ms"], res["qemu"]["save_ms"]
     res["ratio_qemu_save_vs_snapshot_write"] = qs / sw
