@@ -371,3 +371,17 @@ def test_inode_map_string_table_codes(shim):
             struct.pack_into("<I", b, at, struct.unpack_from("<I", b, at)[0] + 1)
             seen.add(_check_section(shim, kind, "path_len+1", bytes(b)))
     assert {CODE_OF["bad-offset"], CODE_OF["bad-length"]} <= seen
+
+
+def test_rule_compiler_refuses_unproven_reads_and_unknown_steps():
+    import construct as c
+    from snapfmt.registry import SectionKind
+
+    def kind(rule):
+        return SectionKind(0xF00000EF, "test.rule", "vm", c.Struct("n" / c.Int32ul,
+                           "d" / c.GreedyBytes), "t", extra={"length_rule": rule})
+    assert codegen.compile_rule(kind((("min", 4), ("limit", 0, 4, 9))))
+    for bad in ((("limit", 0, 4, 9),), (("min", 2), ("exact", 4, ((0, 4, 1),))),
+                (("min", 4), ("bogus", 1)), (("min", 4), ("value_in", 0, 4, (1, 2, 3, 4)))):
+        with pytest.raises(RuntimeError):
+            codegen.compile_rule(kind(bad))
