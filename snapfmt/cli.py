@@ -12,6 +12,7 @@ import os
 import sys
 
 from . import jsonio
+from .atomic import write_atomic
 from . import layout as L
 from .container import load
 from .errors import EncodeError, SnapfmtError, SnapfmtOSError
@@ -30,25 +31,9 @@ class _Parser(argparse.ArgumentParser):
 
 def _out(text: str, path: str | None = None) -> None:
     if path and path != "-":
-        _atomic_write_text(path, text)
+        write_atomic(path, text)
     else:
         sys.stdout.write(text)
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-    except OSError as e:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise SnapfmtOSError(f"cannot write {path}: {e.strerror}") from None
 
 
 def cmd_info(args) -> int:

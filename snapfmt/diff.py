@@ -29,11 +29,10 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from . import layout as L
 from . import registry
 from .container import Snapshot, load
-from .errors import FormatError, SnapfmtError
-from .ramdiff import (CAT_NONE, Progress, RamDiff, RegionDiff, compare_sources, write_png)
+from .errors import FormatError
+from .ramdiff import (Progress, RamDiff, RegionDiff, compare_sources, write_png)
 
 # ----------------------------------------------------------------- volatile set
 

@@ -51,7 +51,7 @@ import numpy as np
 from . import typeids
 from .decl import HexBytes, dtype_of
 from .errors import EncodeError, FormatError, LimitError
-from .findings import ERROR, INFO, WARNING, Finding, check
+from .findings import ERROR, WARNING, Finding, check
 from .registry import SCOPE_DEVICE, SectionKind, register
 
 u32 = c.Int32ul

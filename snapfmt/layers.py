@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
-import sys
 from dataclasses import dataclass
 
 import construct as c

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import construct as c
 
-from .decl import HexBytes
 
 # --- identity and versions -------------------------------------------------
 
@@ -94,7 +93,7 @@ for _sc in TableEntry.subcons:
     _off += _sc.sizeof()
 del _off, _sc
 
-__all__ = [n for n in dir() if not n.startswith("_") and n not in ("c", "annotations", "HexBytes")]
+__all__ = [n for n in dir() if not n.startswith("_") and n not in ("c", "annotations")]
 
 # --- error codes shared by the Python reader and the C shim ------------------
 # (C: SNAPFMT_ERR_<NAME> = -value; Python: SnapfmtError.code = name.lower() with '_' -> '-')

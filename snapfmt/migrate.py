@@ -33,6 +33,7 @@ from typing import Callable
 from . import layout as L
 from .container import Section, Snapshot, load, loads
 from .crc import crc32c
+from .atomic import write_atomic
 from .errors import EncodeError, FormatError, SnapfmtOSError, VersionError
 
 Version = tuple[int, int]
@@ -326,17 +327,7 @@ def freeze(path: str | None = None) -> str:
     """Write the live schema as the frozen schema of the current format version."""
     path = path or os.path.join(frozen_dir(), f"v{vstr(L.VERSION)}.json")
     text = json.dumps(live_schema(), indent=1, sort_keys=False) + "\n"
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise SnapfmtOSError(f"cannot write {path}: {e.strerror}") from None
+    write_atomic(path, text)
     return path
 
 

@@ -16,7 +16,6 @@ other side of the comparison *is* that parent, only the dirty pages are read
 
 from __future__ import annotations
 
-import os
 import struct
 import sys
 import time
@@ -25,7 +24,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import FormatError, SnapfmtOSError
+from .atomic import write_atomic
+from .errors import FormatError
 
 DEFAULT_CHUNK_BYTES = 4 << 20        # small enough that a chunk stays in L2/L3 for the zero pass
 
@@ -393,18 +393,4 @@ def png_bytes(categories: np.ndarray, width: int = 512) -> bytes:
 
 def write_png(path: str, categories: np.ndarray, width: int = 512) -> None:
     """Write the RAM map atomically (temp file + rename)."""
-    data = png_bytes(categories, width)
-    d = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(d, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-    except OSError as e:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise SnapfmtOSError(f"cannot write {path}: {e.strerror or e}") from None
+    write_atomic(path, png_bytes(categories, width))
