@@ -14,10 +14,21 @@ from .errors import (ChecksumError, EncodeError, FormatError, LimitError, Snapfm
                      SnapfmtOSError, TruncatedError, UnknownSectionError, VersionError)
 from .findings import Finding
 from .validate import has_errors, validate
-from . import diff, layers, migrate  # noqa: E402  (subpackages of the public API)
-from .diff import diff_snapshots
 
 __version__ = "0.1.0"
+
+
+_LAZY = {"diff": "diff", "layers": "layers", "migrate": "migrate", "compat": "compat"}
+
+
+def __getattr__(name):
+    """Heavier tool modules load on first use (keeps `import snapfmt` and the CLI fast)."""
+    import importlib
+    if name in _LAZY:
+        return importlib.import_module(f".{_LAZY[name]}", __name__)
+    if name == "diff_snapshots":
+        return importlib.import_module(".diff", __name__).diff_snapshots
+    raise AttributeError(f"module 'snapfmt' has no attribute {name!r}")
 
 
 def new(arch: str = "x86_64", page_size: int = 4096, flags: int = 0) -> Snapshot:
