@@ -145,8 +145,8 @@ class Peer:
             if self.proc.poll() is None:
                 try:
                     self.command("quit")
-                except Exception:
-                    pass
+                except (OSError, ValueError, RuntimeError, TimeoutError):
+                    pass      # QEMU already gone: the wait below reaps it
                 try:
                     self.proc.wait(timeout=5)
                 except subprocess.TimeoutExpired:
@@ -267,7 +267,8 @@ def main(argv=None):
         res["median_spawn_to_pong_ms"] = statistics.median(tot)
         print(f"qemu restore (spawn -> PONG): median {res['median_spawn_to_pong_ms']:.1f} ms "
               f"over {len(tot)} run(s)")
-    except Exception as e:  # report, never hang
+    except (OSError, ValueError, RuntimeError, TimeoutError,
+            subprocess.SubprocessError) as e:  # report, never hang
         ok = False
         res["error"] = str(e)
         print(f"qemu_peer: error: {e}", file=sys.stderr)
