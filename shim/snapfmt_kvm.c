@@ -342,19 +342,26 @@ int snapfmt_kvm_save_vcpu(struct snapfmt_writer *w, int vcpu_fd, uint32_t index,
 	return add(w, SNAPFMT_SEC_X86_TSC_KHZ, index, tsc, sizeof(tsc));
 }
 
+/* The irqchips snapfmt_kvm_save_vm writes and snapfmt_kvm_restore_vm reads
+   back, in this order: KVM chip id, section type + instance, and the ioctl
+   names for error messages (static strings: kio keeps the pointer). */
+static const struct {
+	uint32_t id, type, inst;
+	const char *get_name, *set_name;
+} irqchips[] = {
+	{KVM_IRQCHIP_PIC_MASTER, SNAPFMT_SEC_X86_PIC, 0, "KVM_GET_IRQCHIP(PIC master)",
+	 "KVM_SET_IRQCHIP(PIC master)"},
+	{KVM_IRQCHIP_PIC_SLAVE, SNAPFMT_SEC_X86_PIC, 1, "KVM_GET_IRQCHIP(PIC slave)",
+	 "KVM_SET_IRQCHIP(PIC slave)"},
+	{KVM_IRQCHIP_IOAPIC, SNAPFMT_SEC_X86_IOAPIC, 0, "KVM_GET_IRQCHIP(IOAPIC)",
+	 "KVM_SET_IRQCHIP(IOAPIC)"},
+};
+
 int snapfmt_kvm_save_vm(struct snapfmt_writer *w, int vm_fd)
 {
 	struct kvm_pit_state2 pit;
 	struct kvm_clock_data clock;
 	struct kvm_irqchip chip;
-	static const struct {
-		uint32_t id, type, inst;
-		const char *name;
-	} chips[] = {
-		{KVM_IRQCHIP_PIC_MASTER, SNAPFMT_SEC_X86_PIC, 0, "KVM_GET_IRQCHIP(PIC master)"},
-		{KVM_IRQCHIP_PIC_SLAVE, SNAPFMT_SEC_X86_PIC, 1, "KVM_GET_IRQCHIP(PIC slave)"},
-		{KVM_IRQCHIP_IOAPIC, SNAPFMT_SEC_X86_IOAPIC, 0, "KVM_GET_IRQCHIP(IOAPIC)"},
-	};
 	int err;
 
 	clear_errors();
@@ -370,12 +377,12 @@ int snapfmt_kvm_save_vm(struct snapfmt_writer *w, int vm_fd)
 		return SNAPFMT_ERR_KVM;
 	if ((err = add(w, SNAPFMT_SEC_X86_CLOCK, 0, &clock, sizeof(clock))))
 		return err;
-	for (size_t i = 0; i < sizeof(chips) / sizeof(chips[0]); i++) {
+	for (size_t i = 0; i < sizeof(irqchips) / sizeof(irqchips[0]); i++) {
 		memset(&chip, 0, sizeof(chip));
-		chip.chip_id = chips[i].id;
-		if (kio(vm_fd, KVM_GET_IRQCHIP, &chip, chips[i].name, -1) < 0)
+		chip.chip_id = irqchips[i].id;
+		if (kio(vm_fd, KVM_GET_IRQCHIP, &chip, irqchips[i].get_name, -1) < 0)
 			return SNAPFMT_ERR_KVM;
-		if ((err = add(w, chips[i].type, chips[i].inst, &chip, sizeof(chip))))
+		if ((err = add(w, irqchips[i].type, irqchips[i].inst, &chip, sizeof(chip))))
 			return err;
 	}
 	return 0;
@@ -1047,14 +1054,6 @@ int snapfmt_kvm_restore_vm(const struct snapfmt_reader *r, int vm_fd)
 	struct kvm_pit_state2 pit;
 	struct kvm_clock_data clock;
 	struct kvm_irqchip chip;
-	static const struct {
-		uint32_t id, type, inst;
-		const char *name;
-	} chips[] = {
-		{KVM_IRQCHIP_PIC_MASTER, SNAPFMT_SEC_X86_PIC, 0, "KVM_SET_IRQCHIP(PIC master)"},
-		{KVM_IRQCHIP_PIC_SLAVE, SNAPFMT_SEC_X86_PIC, 1, "KVM_SET_IRQCHIP(PIC slave)"},
-		{KVM_IRQCHIP_IOAPIC, SNAPFMT_SEC_X86_IOAPIC, 0, "KVM_SET_IRQCHIP(IOAPIC)"},
-	};
 	int err;
 
 	clear_errors();
@@ -1071,15 +1070,15 @@ int snapfmt_kvm_restore_vm(const struct snapfmt_reader *r, int vm_fd)
 	clock.flags = 0; /* GET reports KVM_CLOCK_TSC_STABLE etc.; SET rejects unknown flags */
 	if (kio(vm_fd, KVM_SET_CLOCK, &clock, "KVM_SET_CLOCK", -1) < 0)
 		return SNAPFMT_ERR_KVM;
-	for (size_t i = 0; i < sizeof(chips) / sizeof(chips[0]); i++) {
-		if ((err = need(r, chips[i].type, chips[i].inst, sizeof(chip), &s)))
+	for (size_t i = 0; i < sizeof(irqchips) / sizeof(irqchips[0]); i++) {
+		if ((err = need(r, irqchips[i].type, irqchips[i].inst, sizeof(chip), &s)))
 			return err;
 		memcpy(&chip, s.data, sizeof(chip));
-		if (chip.chip_id != chips[i].id)
+		if (chip.chip_id != irqchips[i].id)
 			return err_msg(SNAPFMT_ERR_BADVALUE, "%s[%u]: chip_id %u, want %u",
-				       sec_name(chips[i].type), chips[i].inst, chip.chip_id,
-				       chips[i].id);
-		if (kio(vm_fd, KVM_SET_IRQCHIP, &chip, chips[i].name, -1) < 0)
+				       sec_name(irqchips[i].type), irqchips[i].inst, chip.chip_id,
+				       irqchips[i].id);
+		if (kio(vm_fd, KVM_SET_IRQCHIP, &chip, irqchips[i].set_name, -1) < 0)
 			return SNAPFMT_ERR_KVM;
 	}
 	return 0;

@@ -181,6 +181,31 @@ static int restore_child(struct vm *vm, const struct opts *o, int ram_fd,
 }
 
 /* ------------------------------------------------------------ run */
+/* Serve the VM's serial on stdin/stdout until it stops or stdin ends. */
+static int serve_stdio(struct vm *vm, const struct opts *o)
+{
+	vm->uart.out_fd = STDOUT_FILENO;
+	vm->in_fd = STDIN_FILENO;
+	if (vm_start(vm) < 0)
+		return 1;
+	uint64_t eof_at = 0;
+	for (;;) {
+		if (atomic_load(&vm->exited))
+			break;
+		if (atomic_load(&vm->in_eof)) {
+			if (!eof_at)
+				eof_at = now_ns();
+			else if (now_ns() - eof_at > (uint64_t)o->eof_grace_ms * 1000000ULL)
+				break;
+		}
+		usleep(5000);
+	}
+	int failed = atomic_load(&vm->failed);
+	if (vm_pause(vm) < 0)
+		failed = 1;
+	return failed ? 1 : 0;
+}
+
 static int cmd_run(const struct opts *o)
 {
 	struct vm tmpl, child, *vm;
@@ -205,29 +230,11 @@ static int cmd_run(const struct opts *o)
 		    vm_attach_ram(vm) < 0 || vm_boot_setup(vm, o->image) < 0)
 			return 1;
 	}
-	vm->uart.out_fd = STDOUT_FILENO;
-	vm->in_fd = STDIN_FILENO;
-	if (vm_start(vm) < 0)
-		return 1;
-	uint64_t eof_at = 0;
-	for (;;) {
-		if (atomic_load(&vm->exited))
-			break;
-		if (atomic_load(&vm->in_eof)) {
-			if (!eof_at)
-				eof_at = now_ns();
-			else if (now_ns() - eof_at > (uint64_t)o->eof_grace_ms * 1000000ULL)
-				break;
-		}
-		usleep(5000);
-	}
-	int failed = atomic_load(&vm->failed);
-	if (vm_pause(vm) < 0)
-		failed = 1;
+	int rc = serve_stdio(vm, o);
 	vm_destroy(vm);
 	if (o->restore)
 		vm_destroy(&tmpl);
-	return failed ? 1 : 0;
+	return rc;
 }
 
 /* ------------------------------------------------------------ fork */
@@ -372,6 +379,24 @@ static int count_open_fds(void)
 	return n - 3; /* ".", "..", the dir fd itself */
 }
 
+/* Child process tail: run the restored VM with its serial on sock until the
+   guest stops or the controller closes sock, then exit (4: could not start,
+   5: the VM failed).  Never returns. */
+static void serve_sock(struct vm *vm, int sock)
+{
+	vm->uart.out_fd = sock;
+	vm->in_fd = sock;
+	if (vm_start(vm) < 0)
+		_exit(4);
+	while (!atomic_load(&vm->exited) && !atomic_load(&vm->in_eof))
+		usleep(2000);
+	int rc = atomic_load(&vm->failed) ? 5 : 0;
+	vm_pause(vm);
+	vm_destroy(vm);
+	close(sock);
+	_exit(rc);
+}
+
 /* Child process: restore from the frozen template, serve serial on sock
    until the controller closes it. Never returns. */
 static void child_process(const struct opts *o, int sock, int ram_fd, const struct vm_state *st)
@@ -391,17 +416,7 @@ static void child_process(const struct opts *o, int sock, int ram_fd, const stru
 		(unsigned long long)t.t_open, (unsigned long long)t.create_ns,
 		(unsigned long long)t.mem_ns, (unsigned long long)t.restore_ns);
 	dprintf(sock, "#FDS %d\n", nfds);
-	vm.uart.out_fd = sock;
-	vm.in_fd = sock;
-	if (vm_start(&vm) < 0)
-		_exit(4);
-	while (!atomic_load(&vm.exited) && !atomic_load(&vm.in_eof))
-		usleep(2000);
-	int rc = atomic_load(&vm.failed) ? 5 : 0;
-	vm_pause(&vm);
-	vm_destroy(&vm);
-	close(sock);
-	_exit(rc);
+	serve_sock(&vm, sock);
 }
 
 static int reap(struct peer *p)
@@ -467,6 +482,233 @@ static int check_guest(struct peer *p, unsigned idx, unsigned comp, char *result
 	return 0;
 }
 
+/* Boot the template with its serial on a socketpair (tsv[1] the VM's end,
+   tsv[0] ours, read through *tp) and read its serial up to the READY line;
+   with print_info, the INFO lines before it are printed as
+   "template: INFO ...". */
+static int boot_template_sock(struct vm *tmpl, const struct opts *o, int tsv[2],
+			      struct peer *tp, int print_info)
+{
+	char line[256];
+	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, tsv) < 0)
+		return fail("socketpair: %s", strerror(errno));
+	*tp = (struct peer){.pid = getpid(), .sock = tsv[0]};
+	if (boot_template(tmpl, o, tsv[1], tsv[1]) < 0)
+		return -1;
+	do {
+		if (read_line(tp, line, sizeof(line), 1000) < 0)
+			return fail("template: no READY line");
+		if (print_info && !strncmp(line, "INFO ", 5))
+			printf("template: %s\n", line);
+	} while (strcmp(line, "READY") != 0);
+	return 0;
+}
+
+/* ---- shared by `fork N guest.bin` (children restore from the frozen
+   template) and `fork N SNAP` (children restore from the snapshot file) */
+static void file_child(const struct opts *o, int sock, struct snapfmt_reader *shared);
+
+/* What a forked child restores from: the template's saved state st and RAM
+   memfd ram_fd, or (st NULL) the snapshot file through the reader the parent
+   opened (shared; NULL with --reopen). */
+struct child_src {
+	const struct vm_state *st;
+	int ram_fd;
+	struct snapfmt_reader *shared;
+};
+
+/* Fork one child restoring from src, its serial on p->sock; *p is reset and
+   p->t_fork taken just before the fork. */
+static int spawn_child(const struct opts *o, struct peer *p, const struct child_src *src)
+{
+	int sv[2];
+	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
+		return fail("socketpair: %s", strerror(errno));
+	memset(p, 0, sizeof(*p));
+	p->t_fork = now_ns();
+	pid_t pid = fork();
+	if (pid < 0)
+		return fail("fork: %s", strerror(errno));
+	if (pid == 0) {
+		if (src->st)
+			child_process(o, sv[1], src->ram_fd, src->st);
+		else
+			file_child(o, sv[1], src->shared);
+	}
+	close(sv[1]);
+	p->pid = pid;
+	p->sock = sv[0];
+	return 0;
+}
+
+/* What collect_pongs does with a RESULT line before a child's PONG (the
+   COMP a --midway snapshot interrupted, finishing first). */
+enum early_result {
+	RESULT_UNEXPECTED, /* not a PONG: the child fails with "(bad)" */
+	RESULT_KEEP,       /* kept in p->result */
+	RESULT_KEEP_PRINT, /* kept, and printed as "child i: RESULT ..." */
+};
+
+/* Collect the PONGs (answers to the PING sent at spawn) of children
+   peers[0..n) as they arrive, each timestamped on arrival in p->t_pong, for
+   at most timeout_ns.  A child that closes its serial first gets pong
+   "(dead)", one that answers another line "(bad)"; neither gets a t_pong.
+   Meta lines are consumed ("#T" restore times, "#FDS" raises *max_fds). */
+static void collect_pongs(struct peer *peers, int n, uint64_t timeout_ns,
+			  enum early_result early, int *max_fds)
+{
+	if (n <= 0) /* never (main: 1..256); lets gcc see poll()'s size is sane */
+		return;
+	struct pollfd pf[n];
+	char line[256];
+	int pending = n;
+	uint64_t deadline = now_ns() + timeout_ns;
+	while (pending && now_ns() < deadline) {
+		for (int i = 0; i < n; i++) {
+			pf[i].fd = peers[i].pong[0] ? -1 : peers[i].sock;
+			pf[i].events = POLLIN;
+			pf[i].revents = 0;
+		}
+		if (poll(pf, (nfds_t)n, 100) < 0 && errno != EINTR)
+			break;
+		for (int i = 0; i < n; i++) {
+			if (!(pf[i].revents & (POLLIN | POLLHUP)))
+				continue;
+			struct peer *p = &peers[i];
+			ssize_t r = read(p->sock, p->buf + p->len, sizeof(p->buf) - 1 - p->len);
+			uint64_t t = now_ns();
+			if (r <= 0) {
+				fail("child %d closed before PONG", (int)p->pid);
+				snprintf(p->pong, sizeof(p->pong), "(dead)");
+				pending--;
+				continue;
+			}
+			p->len += (size_t)r;
+			while (!p->pong[0] && take_line(p, line, sizeof(line))) {
+				int fds;
+				if (sscanf(line, "#FDS %d", &fds) == 1) {
+					*max_fds = fds > *max_fds ? fds : *max_fds;
+					continue;
+				}
+				if (meta_line(p, line))
+					continue;
+				if (early != RESULT_UNEXPECTED && !p->result[0] &&
+				    !strncmp(line, "RESULT ", 7)) {
+					snprintf(p->result, sizeof(p->result), "%.40s", line + 7);
+					if (early == RESULT_KEEP_PRINT)
+						printf("child %d: RESULT %s\n", i, p->result);
+					continue;
+				}
+				if (strncmp(line, "PONG ", 5) != 0) {
+					fail("child %d: expected PONG, got '%s'", (int)p->pid, line);
+					snprintf(p->pong, sizeof(p->pong), "(bad)");
+				} else {
+					snprintf(p->pong, sizeof(p->pong), "%.40s", line + 5);
+					p->t_pong = t;
+				}
+				pending--;
+			}
+		}
+	}
+}
+
+/* 1 if the child answered PONG in time; else says so and returns 0 */
+static int got_pong(const struct peer *p)
+{
+	if (p->t_pong)
+		return 1;
+	fail("child %d: no PONG", (int)p->pid);
+	return 0;
+}
+
+/* Latency figures, one array per figure, one slot per child that answered */
+enum { LAT_FORK, LAT_OPEN, LAT_CHECK, LAT_CREATE, LAT_MEM, LAT_STATE, LAT_TOTAL, NLAT };
+
+/* Record child p's figures in slot k: fork -> PONG always; the restore
+   breakdown when the child reported its "#T" times (no check= from a
+   template child: 0). */
+static void record_latency(uint64_t *lat[NLAT], int k, const struct peer *p)
+{
+	lat[LAT_FORK][k] = p->t_pong - p->t_fork;
+	if (p->got_times) {
+		lat[LAT_OPEN][k] = p->t_pong - p->rt.t_open;
+		lat[LAT_CHECK][k] = p->rt.check_ns;
+		lat[LAT_CREATE][k] = p->rt.create_ns;
+		lat[LAT_MEM][k] = p->rt.mem_ns;
+		lat[LAT_STATE][k] = p->rt.restore_ns;
+		lat[LAT_TOTAL][k] = p->rt.check_ns + p->rt.create_ns + p->rt.mem_ns +
+				    p->rt.restore_ns;
+	}
+}
+
+/* One zeroed slot per child per round in every figure; 0 or -1 */
+static int alloc_latency(uint64_t *lat[NLAT], int total)
+{
+	for (int k = 0; k < NLAT; k++)
+		if (!(lat[k] = calloc((size_t)total, 8)))
+			return fail("out of memory");
+	return 0;
+}
+
+/* Print the figures of the nlat children that answered (sorts them); the
+   snapshot check and the restore total only for `fork N SNAP` (file). */
+static void print_latency(uint64_t *lat[NLAT], int nlat, const char *open_label, int file)
+{
+	stats("fork -> PONG", lat[LAT_FORK], nlat);
+	stats(open_label, lat[LAT_OPEN], nlat);
+	if (file)
+		stats("  open+check snapshot", lat[LAT_CHECK], nlat);
+	stats("  create VM+vCPU", lat[LAT_CREATE], nlat);
+	stats("  map+memory region", lat[LAT_MEM], nlat);
+	stats("  restore state", lat[LAT_STATE], nlat);
+	if (file)
+		stats("  restore total", lat[LAT_TOTAL], nlat);
+}
+
+static void free_latency(uint64_t *lat[NLAT])
+{
+	for (int k = 0; k < NLAT; k++)
+		free(lat[k]);
+}
+
+/* Functional checks on every child: private writes, timers, deterministic
+   COMP (results[i]: child i's RESULT, all equal).  0, or -1 at the first
+   failure. */
+static int check_children(struct peer *peers, int n, unsigned comp, char (*results)[64])
+{
+	char line[256];
+	for (int i = 0; i < n; i++)
+		if (check_guest(&peers[i], (unsigned)i, comp, results[i], 64) < 0)
+			return -1;
+	for (int i = 0; i < n; i++) {
+		char want[32];
+		snprintf(want, sizeof(want), "VALUE %016x", 0xc0de0000u + (unsigned)i);
+		if (transact(&peers[i], "READ\n", "VALUE ", line, sizeof(line)) < 0)
+			return -1;
+		if (strcmp(line, want) != 0)
+			return fail("child %d: READ '%s', want '%s' (writes leaked?)", i, line, want);
+		if (strcmp(results[i], results[0]) != 0)
+			return fail("child %d: COMP result %s != %s", i, results[i], results[0]);
+	}
+	return 0;
+}
+
+/* Close every child's serial (its VM sees EOF and the child exits) and reap
+   it.  0, or -1 when one did not exit with 0. */
+static int reap_children(struct peer *peers, int n)
+{
+	int ok = 1;
+	for (int i = 0; i < n; i++) {
+		close(peers[i].sock);
+		int rc = reap(&peers[i]);
+		if (rc != 0) {
+			fail("child %d exited with %d", i, rc);
+			ok = 0;
+		}
+	}
+	return ok ? 0 : -1;
+}
+
 static int cmd_fork(const struct opts *o)
 {
 	struct vm tmpl;
@@ -475,17 +717,9 @@ static int cmd_fork(const struct opts *o)
 	int ok = 1;
 	char line[256], tmpl_pong[64] = "", tmpl_result[64] = "";
 
-	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, tsv) < 0)
-		return fail("socketpair: %s", strerror(errno)), 1;
-	struct peer tp = {.pid = getpid(), .sock = tsv[0]};
-	if (boot_template(&tmpl, o, tsv[1], tsv[1]) < 0)
+	struct peer tp;
+	if (boot_template_sock(&tmpl, o, tsv, &tp, 1) < 0)
 		return 1;
-	do {
-		if (read_line(&tp, line, sizeof(line), 1000) < 0)
-			return fail("template: no READY line"), 1;
-		if (!strncmp(line, "INFO ", 5))
-			printf("template: %s\n", line);
-	} while (strcmp(line, "READY") != 0);
 	char midway_result[64] = "";
 	if (o->midway) {
 		/* start a long COMP, freeze the template in the middle of it */
@@ -513,96 +747,33 @@ static int cmd_fork(const struct opts *o)
 	fflush(stderr);
 
 	int n = o->nchildren, total = n * o->iters;
-	uint64_t *lat_fork = calloc((size_t)total, 8), *lat_open = calloc((size_t)total, 8);
-	uint64_t *lat_create = calloc((size_t)total, 8), *lat_mem = calloc((size_t)total, 8);
-	uint64_t *lat_state = calloc((size_t)total, 8);
+	uint64_t *lat[NLAT];
+	if (alloc_latency(lat, total) < 0)
+		return 1;
 	struct peer *peers = calloc((size_t)n, sizeof(*peers));
 	char (*results)[64] = calloc((size_t)n, 64);
-	if (!lat_fork || !lat_open || !lat_create || !lat_mem || !lat_state || !peers || !results)
+	if (!peers || !results)
 		return fail("out of memory"), 1;
 	int nlat = 0, max_fds = 0;
+	const struct child_src src = {.st = &st, .ram_fd = tmpl.ram.fd};
 
 	for (int it = 0; it < o->iters && ok; it++) {
 		/* launch all children, PING each right away */
 		for (int i = 0; i < n; i++) {
-			int sv[2];
-			if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
-				return fail("socketpair: %s", strerror(errno)), 1;
-			memset(&peers[i], 0, sizeof(peers[i]));
-			peers[i].t_fork = now_ns();
-			pid_t pid = fork();
-			if (pid < 0)
-				return fail("fork: %s", strerror(errno)), 1;
-			if (pid == 0)
-				child_process(o, sv[1], tmpl.ram.fd, &st);
-			close(sv[1]);
-			peers[i].pid = pid;
-			peers[i].sock = sv[0];
+			if (spawn_child(o, &peers[i], &src) < 0)
+				return 1;
 			send_cmd(&peers[i], "PING\n");
 		}
 		/* collect PONGs as they arrive (timestamp on arrival) */
-		int pending = n;
-		uint64_t deadline = now_ns() + 20000000000ULL;
-		while (pending && now_ns() < deadline) {
-			struct pollfd pf[n];
-			for (int i = 0; i < n; i++) {
-				pf[i].fd = peers[i].pong[0] ? -1 : peers[i].sock;
-				pf[i].events = POLLIN;
-				pf[i].revents = 0;
-			}
-			if (poll(pf, (nfds_t)n, 100) < 0 && errno != EINTR)
-				break;
-			for (int i = 0; i < n; i++) {
-				if (!(pf[i].revents & (POLLIN | POLLHUP)))
-					continue;
-				struct peer *p = &peers[i];
-				ssize_t r = read(p->sock, p->buf + p->len, sizeof(p->buf) - 1 - p->len);
-				uint64_t t = now_ns();
-				if (r <= 0) {
-					fail("child %d closed before PONG", (int)p->pid);
-					snprintf(p->pong, sizeof(p->pong), "(dead)");
-					pending--;
-					continue;
-				}
-				p->len += (size_t)r;
-				while (!p->pong[0] && take_line(p, line, sizeof(line))) {
-					int fds;
-					if (sscanf(line, "#FDS %d", &fds) == 1) {
-						max_fds = fds > max_fds ? fds : max_fds;
-						continue;
-					}
-					if (meta_line(p, line))
-						continue;
-					if (o->midway && !p->result[0] && !strncmp(line, "RESULT ", 7)) {
-						snprintf(p->result, sizeof(p->result), "%.40s", line + 7);
-						continue;
-					}
-					if (strncmp(line, "PONG ", 5) != 0) {
-						fail("child %d: expected PONG, got '%s'", (int)p->pid, line);
-						snprintf(p->pong, sizeof(p->pong), "(bad)");
-					} else {
-						snprintf(p->pong, sizeof(p->pong), "%.40s", line + 5);
-						p->t_pong = t;
-					}
-					pending--;
-				}
-			}
-		}
+		collect_pongs(peers, n, 20000000000ULL, o->midway ? RESULT_KEEP : RESULT_UNEXPECTED,
+			      &max_fds);
 		for (int i = 0; i < n; i++) {
 			struct peer *p = &peers[i];
-			if (!p->t_pong) {
-				fail("child %d: no PONG", (int)p->pid);
+			if (!got_pong(p)) {
 				ok = 0;
 				continue;
 			}
-			lat_fork[nlat] = p->t_pong - p->t_fork;
-			if (p->got_times) {
-				lat_open[nlat] = p->t_pong - p->rt.t_open;
-				lat_create[nlat] = p->rt.create_ns;
-				lat_mem[nlat] = p->rt.mem_ns;
-				lat_state[nlat] = p->rt.restore_ns;
-			}
-			nlat++;
+			record_latency(lat, nlat++, p);
 			if (strcmp(p->pong, peers[0].pong) != 0) {
 				fail("child %d: PONG %s != child 0's %s", (int)p->pid, p->pong, peers[0].pong);
 				ok = 0;
@@ -614,31 +785,10 @@ static int cmd_fork(const struct opts *o)
 			}
 		}
 		/* functional checks: private writes, timers, deterministic COMP */
-		for (int i = 0; i < n && ok; i++)
-			if (check_guest(&peers[i], (unsigned)i, o->comp, results[i], 64) < 0)
-				ok = 0;
-		for (int i = 0; i < n && ok; i++) {
-			char want[32];
-			snprintf(want, sizeof(want), "VALUE %016x", 0xc0de0000u + (unsigned)i);
-			if (transact(&peers[i], "READ\n", "VALUE ", line, sizeof(line)) < 0)
-				ok = 0;
-			else if (strcmp(line, want) != 0) {
-				fail("child %d: READ '%s', want '%s' (writes leaked?)", i, line, want);
-				ok = 0;
-			}
-			if (ok && strcmp(results[i], results[0]) != 0) {
-				fail("child %d: COMP result %s != %s", i, results[i], results[0]);
-				ok = 0;
-			}
-		}
-		for (int i = 0; i < n; i++) {
-			close(peers[i].sock);
-			int rc = reap(&peers[i]);
-			if (rc != 0) {
-				fail("child %d exited with %d", i, rc);
-				ok = 0;
-			}
-		}
+		if (ok && check_children(peers, n, o->comp, results) < 0)
+			ok = 0;
+		if (reap_children(peers, n) < 0)
+			ok = 0;
 		if (o->verbose)
 			fprintf(stderr, "snapvm: iteration %d done\n", it);
 	}
@@ -703,17 +853,9 @@ static int cmd_fork(const struct opts *o)
 	if (o->midway)
 		printf("midway COMP %x: children RESULT %s, template RESULT %s\n", o->midway,
 		       peers[0].result, midway_result);
-	stats("fork -> PONG", lat_fork, nlat);
-	stats("open(/dev/kvm) -> PONG", lat_open, nlat);
-	stats("  create VM+vCPU", lat_create, nlat);
-	stats("  map+memory region", lat_mem, nlat);
-	stats("  restore state", lat_state, nlat);
+	print_latency(lat, nlat, "open(/dev/kvm) -> PONG", 0);
 	printf("fork: %s\n", ok ? "OK" : "FAILED");
-	free(lat_fork);
-	free(lat_open);
-	free(lat_create);
-	free(lat_mem);
-	free(lat_state);
+	free_latency(lat);
 	free(peers);
 	free(results);
 	return ok ? 0 : 1;
@@ -898,31 +1040,6 @@ static int snap_restore(struct vm *vm, const char *path, int verbose, struct res
 	return rc;
 }
 
-/* Serve the VM's serial on stdin/stdout until it stops or stdin ends. */
-static int serve_stdio(struct vm *vm, const struct opts *o)
-{
-	vm->uart.out_fd = STDOUT_FILENO;
-	vm->in_fd = STDIN_FILENO;
-	if (vm_start(vm) < 0)
-		return 1;
-	uint64_t eof_at = 0;
-	for (;;) {
-		if (atomic_load(&vm->exited))
-			break;
-		if (atomic_load(&vm->in_eof)) {
-			if (!eof_at)
-				eof_at = now_ns();
-			else if (now_ns() - eof_at > (uint64_t)o->eof_grace_ms * 1000000ULL)
-				break;
-		}
-		usleep(5000);
-	}
-	int failed = atomic_load(&vm->failed);
-	if (vm_pause(vm) < 0)
-		failed = 1;
-	return failed ? 1 : 0;
-}
-
 /* ---- snapvm snapshot guest.bin OUT.snap */
 static int cmd_snapshot(const struct opts *o)
 {
@@ -930,15 +1047,9 @@ static int cmd_snapshot(const struct opts *o)
 	int tsv[2];
 	char line[256], pong[64] = "";
 
-	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, tsv) < 0)
-		return fail("socketpair: %s", strerror(errno)), 1;
-	struct peer tp = {.pid = getpid(), .sock = tsv[0]};
-	if (boot_template(&tmpl, o, tsv[1], tsv[1]) < 0)
+	struct peer tp;
+	if (boot_template_sock(&tmpl, o, tsv, &tp, 0) < 0)
 		return 1;
-	do {
-		if (read_line(&tp, line, sizeof(line), 1000) < 0)
-			return fail("template: no READY line"), 1;
-	} while (strcmp(line, "READY") != 0);
 	/* heartbeat of the template: children must answer the same */
 	if (vm_start(&tmpl) < 0 || transact(&tp, "PING\n", "PONG ", line, sizeof(line)) < 0)
 		return 1;
@@ -1051,35 +1162,7 @@ static void file_child(const struct opts *o, int sock, struct snapfmt_reader *sh
 		(unsigned long long)t.create_ns, (unsigned long long)t.mem_ns,
 		(unsigned long long)t.restore_ns);
 	dprintf(sock, "#FDS %d\n", count_open_fds());
-	vm.uart.out_fd = sock;
-	vm.in_fd = sock;
-	if (vm_start(&vm) < 0)
-		_exit(4);
-	while (!atomic_load(&vm.exited) && !atomic_load(&vm.in_eof))
-		usleep(2000);
-	int rc = atomic_load(&vm.failed) ? 5 : 0;
-	vm_pause(&vm);
-	vm_destroy(&vm);
-	close(sock);
-	_exit(rc);
-}
-
-static int spawn_file_child(const struct opts *o, struct peer *p, struct snapfmt_reader *shared)
-{
-	int sv[2];
-	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
-		return fail("socketpair: %s", strerror(errno));
-	memset(p, 0, sizeof(*p));
-	p->t_fork = now_ns();
-	pid_t pid = fork();
-	if (pid < 0)
-		return fail("fork: %s", strerror(errno));
-	if (pid == 0)
-		file_child(o, sv[1], shared);
-	close(sv[1]);
-	p->pid = pid;
-	p->sock = sv[0];
-	return send_cmd(p, "PING\n");
+	serve_sock(&vm, sock);
 }
 
 /* ---- snapvm fork N SNAP: N children from one snapshot file, concurrently */
@@ -1087,14 +1170,12 @@ static int cmd_fork_file(const struct opts *o)
 {
 	int n = o->nchildren, total = n * o->iters, ok = 1, nlat = 0, max_fds = 0;
 	char line[256];
-	uint64_t *lat[7];
-	for (int k = 0; k < 7; k++)
-		if (!(lat[k] = calloc((size_t)total, 8)))
-			return fail("out of memory"), 1;
+	uint64_t *lat[NLAT];
+	if (alloc_latency(lat, total) < 0)
+		return 1;
 	struct peer *peers = calloc((size_t)n, sizeof(*peers));
 	char (*results)[64] = calloc((size_t)n, 64);
-	struct pollfd *pf = calloc((size_t)n, sizeof(*pf));
-	if (!peers || !results || !pf)
+	if (!peers || !results)
 		return fail("out of memory"), 1;
 	/* open + verify the snapshot ONCE; every child restores from this reader */
 	struct snapfmt_reader *shared = NULL;
@@ -1107,106 +1188,34 @@ static int cmd_fork_file(const struct opts *o)
 			return shim_fail("restore refused", err), 2;
 		open_ns = now_ns() - t0;
 	}
+	const struct child_src src = {.shared = shared};
 
 	for (int it = 0; it < o->iters && ok; it++) {
 		for (int i = 0; i < n; i++)
-			if (spawn_file_child(o, &peers[i], shared) < 0)
+			if (spawn_child(o, &peers[i], &src) < 0 || send_cmd(&peers[i], "PING\n") < 0)
 				return 1;
-		int pending = n;
-		uint64_t deadline = now_ns() + 30000000000ULL;
-		while (pending && now_ns() < deadline) {
-			for (int i = 0; i < n; i++) {
-				pf[i].fd = peers[i].pong[0] ? -1 : peers[i].sock;
-				pf[i].events = POLLIN;
-				pf[i].revents = 0;
-			}
-			if (poll(pf, (nfds_t)n, 100) < 0 && errno != EINTR)
-				break;
-			for (int i = 0; i < n; i++) {
-				if (!(pf[i].revents & (POLLIN | POLLHUP)))
-					continue;
-				struct peer *p = &peers[i];
-				ssize_t r = read(p->sock, p->buf + p->len, sizeof(p->buf) - 1 - p->len);
-				uint64_t t = now_ns();
-				if (r <= 0) {
-					fail("child %d closed before PONG", (int)p->pid);
-					snprintf(p->pong, sizeof(p->pong), "(dead)");
-					pending--;
-					continue;
-				}
-				p->len += (size_t)r;
-				while (!p->pong[0] && take_line(p, line, sizeof(line))) {
-					int fds;
-					if (sscanf(line, "#FDS %d", &fds) == 1) {
-						max_fds = fds > max_fds ? fds : max_fds;
-						continue;
-					}
-					if (meta_line(p, line))
-						continue;
-					if (!p->result[0] && !strncmp(line, "RESULT ", 7)) {
-						/* midway snapshot: the interrupted COMP finishes first */
-						snprintf(p->result, sizeof(p->result), "%.40s", line + 7);
-						printf("child %d: RESULT %s\n", i, p->result);
-						continue;
-					}
-					if (strncmp(line, "PONG ", 5) != 0) {
-						fail("child %d: expected PONG, got '%s'", (int)p->pid, line);
-						snprintf(p->pong, sizeof(p->pong), "(bad)");
-					} else {
-						snprintf(p->pong, sizeof(p->pong), "%.40s", line + 5);
-						p->t_pong = t;
-					}
-					pending--;
-				}
-			}
-		}
+		collect_pongs(peers, n, 30000000000ULL, RESULT_KEEP_PRINT, &max_fds);
 		for (int i = 0; i < n; i++) {
 			struct peer *p = &peers[i];
-			if (!p->t_pong) {
-				fail("child %d: no PONG", (int)p->pid);
+			if (!got_pong(p)) {
 				ok = 0;
 				continue;
 			}
 			printf("child %d: PONG %s\n", i, p->pong);
-			lat[0][nlat] = p->t_pong - p->t_fork;
-			if (p->got_times) {
-				lat[1][nlat] = p->t_pong - p->rt.t_open;
-				lat[2][nlat] = p->rt.check_ns;
-				lat[3][nlat] = p->rt.create_ns;
-				lat[4][nlat] = p->rt.mem_ns;
-				lat[5][nlat] = p->rt.restore_ns;
-				lat[6][nlat] = p->rt.check_ns + p->rt.create_ns + p->rt.mem_ns +
-					       p->rt.restore_ns;
-			}
-			nlat++;
+			record_latency(lat, nlat++, p);
 			if (strcmp(p->pong, peers[0].pong) != 0) {
 				fail("child %d: PONG %s != child 0's %s", i, p->pong, peers[0].pong);
 				ok = 0;
 			}
 		}
 		/* private writes, timers, deterministic COMP */
-		for (int i = 0; i < n && ok; i++)
-			if (check_guest(&peers[i], (unsigned)i, o->comp, results[i], 64) < 0)
-				ok = 0;
-		for (int i = 0; i < n && ok; i++) {
-			char want[32];
-			snprintf(want, sizeof(want), "VALUE %016x", 0xc0de0000u + (unsigned)i);
-			if (transact(&peers[i], "READ\n", "VALUE ", line, sizeof(line)) < 0)
-				ok = 0;
-			else if (strcmp(line, want) != 0) {
-				fail("child %d: READ '%s', want '%s' (writes leaked?)", i, line, want);
-				ok = 0;
-			}
-			if (ok && strcmp(results[i], results[0]) != 0) {
-				fail("child %d: COMP result %s != %s", i, results[i], results[0]);
-				ok = 0;
-			}
-		}
+		if (ok && check_children(peers, n, o->comp, results) < 0)
+			ok = 0;
 		/* a fresh child restored while the others are still alive and have
 		   written: must see the template's value, not theirs */
 		if (ok) {
 			struct peer w;
-			if (spawn_file_child(o, &w, shared) < 0 ||
+			if (spawn_child(o, &w, &src) < 0 || send_cmd(&w, "PING\n") < 0 ||
 			    read_line(&w, line, sizeof(line), 10000) < 0)
 				ok = 0;
 			else {
@@ -1229,14 +1238,8 @@ static int cmd_fork_file(const struct opts *o)
 			if (w.pid > 0 && reap(&w) != 0)
 				ok = 0;
 		}
-		for (int i = 0; i < n; i++) {
-			close(peers[i].sock);
-			int rc = reap(&peers[i]);
-			if (rc != 0) {
-				fail("child %d exited with %d", i, rc);
-				ok = 0;
-			}
-		}
+		if (reap_children(peers, n) < 0)
+			ok = 0;
 	}
 	snapfmt_kvm_close(shared);
 	printf("children: %d x %d iteration(s) from %s, PONG %s, RESULT(COMP %x) %s, max child fds %d\n",
@@ -1246,19 +1249,11 @@ static int cmd_fork_file(const struct opts *o)
 		       open_ns / 1e6, open_ns / 1e6 / (n * o->iters + (ok ? o->iters : 0)));
 	else
 		printf("  snapshot opened and verified in every child (--reopen)\n");
-	stats("fork -> PONG", lat[0], nlat);
-	stats("open(snapshot) -> PONG", lat[1], nlat);
-	stats("  open+check snapshot", lat[2], nlat);
-	stats("  create VM+vCPU", lat[3], nlat);
-	stats("  map+memory region", lat[4], nlat);
-	stats("  restore state", lat[5], nlat);
-	stats("  restore total", lat[6], nlat);
+	print_latency(lat, nlat, "open(snapshot) -> PONG", 1);
 	printf("fork: %s\n", ok ? "OK" : "FAILED");
-	for (int k = 0; k < 7; k++)
-		free(lat[k]);
+	free_latency(lat);
 	free(peers);
 	free(results);
-	free(pf);
 	return ok ? 0 : 1;
 }
 
