@@ -522,13 +522,19 @@ struct child_src {
 static int spawn_child(const struct opts *o, struct peer *p, const struct child_src *src)
 {
 	int sv[2];
+	memset(p, 0, sizeof(*p));        /* on any failure: no socket, no child */
+	p->sock = -1;
+	p->pid = -1;
 	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
 		return fail("socketpair: %s", strerror(errno));
-	memset(p, 0, sizeof(*p));
 	p->t_fork = now_ns();
 	pid_t pid = fork();
-	if (pid < 0)
-		return fail("fork: %s", strerror(errno));
+	if (pid < 0) {
+		int e = errno;
+		close(sv[0]);
+		close(sv[1]);
+		return fail("fork: %s", strerror(e));
+	}
 	if (pid == 0) {
 		if (src->st)
 			child_process(o, sv[1], src->ram_fd, src->st);
@@ -1234,7 +1240,8 @@ static int cmd_fork_file(const struct opts *o)
 				} else if (ok)
 					printf("witness child: %s (children's writes stayed private)\n", line);
 			}
-			close(w.sock);
+			if (w.sock >= 0)
+				close(w.sock);
 			if (w.pid > 0 && reap(&w) != 0)
 				ok = 0;
 		}
