@@ -10,13 +10,13 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-import tempfile
 from typing import Iterator
 
 import numpy as np
 
 from . import layout as L
 from . import registry
+from .atomic import atomic_file
 from .crc import crc32c, crc32c_file_range
 from .decl import dtype_of
 from .errors import (ChecksumError, EncodeError, FormatError, LimitError, SnapfmtOSError,
@@ -354,52 +354,20 @@ class Snapshot:
         Zero pages of BULK sections are left as holes (sparse file).  ``mode``:
         file permissions (default 0666 & ~umask; restore-ready templates use 0444).
         """
-        if mode is None:
-            um = os.umask(0)
-            os.umask(um)
-            mode = 0o666 & ~um
-        path = os.fspath(path)
         offs, table_off, file_size = self._plan()
         table, hdr = self._table_and_header(offs, table_off, file_size)
-        d = os.path.dirname(os.path.abspath(path))
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=".snapfmt-", suffix=".tmp", dir=d)
-        except OSError as e:
-            raise SnapfmtOSError(f"cannot create a temp file in {d}: {e.strerror}") from None
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.truncate(file_size)
-                for s, off in zip(self.sections, offs):
-                    if s.flags & L.SEC_F_BULK:
-                        _write_sparse(f, off, s.data, self.page_size)
-                    else:
-                        f.seek(off)
-                        f.write(s.data)
-                f.seek(table_off)
-                f.write(table)
-                f.seek(0)
-                f.write(hdr)
-                f.flush()
-                os.fchmod(f.fileno(), mode)
-                os.fsync(f.fileno())
-            os.rename(tmp, path)
-            dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError as e:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise SnapfmtOSError(f"cannot write {path}: {e.strerror or e}") from None
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        with atomic_file(path, mode) as f:
+            f.truncate(file_size)
+            for s, off in zip(self.sections, offs):
+                if s.flags & L.SEC_F_BULK:
+                    _write_sparse(f, off, s.data, self.page_size)
+                else:
+                    f.seek(off)
+                    f.write(s.data)
+            f.seek(table_off)
+            f.write(table)
+            f.seek(0)
+            f.write(hdr)
 
     def close(self) -> None:
         for s in self.sections:
